@@ -49,10 +49,11 @@ def _check_positive_finite(name: str, value: float) -> float:
     return value
 
 
-def _progress(step, warmup_steps: int, total_steps: int):
+def _remaining(step, warmup_steps: int, total_steps: int):
+    """Fraction of the decay still to go, ``1 - p`` (computed directly: no cancellation at T)."""
     span = max(total_steps - warmup_steps, 1)
     s = jnp.asarray(step, jnp.float32)
-    return jnp.clip((s - warmup_steps) / span, 0.0, 1.0)
+    return jnp.clip((total_steps - s) / span, 0.0, 1.0)
 
 
 def _ratio_end(options) -> Callable[[float], float]:
@@ -68,15 +69,16 @@ def _constant(peak_lr, total_steps, warmup_steps, **options):
 
 def _linear_decay(peak_lr, total_steps, warmup_steps, end):
     def f(step):
-        p = _progress(step, warmup_steps, total_steps)
-        return peak_lr + (end - peak_lr) * p
+        r = _remaining(step, warmup_steps, total_steps)
+        return end + (peak_lr - end) * r
     return f
 
 
 def _cosine_decay(peak_lr, total_steps, warmup_steps, end):
     def f(step):
-        p = _progress(step, warmup_steps, total_steps)
-        return end + (peak_lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+        r = _remaining(step, warmup_steps, total_steps)
+        # (1 + cos(pi p)) / 2 = sin^2(pi r / 2): accurate near the end, where r is small
+        return end + (peak_lr - end) * jnp.square(jnp.sin(0.5 * jnp.pi * r))
     return f
 
 
@@ -137,8 +139,7 @@ def _wsd(peak_lr, total_steps, warmup_steps, **options):
 
     def f(step):
         s = jnp.asarray(step, jnp.float32)
-        p = jnp.clip((s - start) / cooldown, 0.0, 1.0)
-        return peak_lr * (1.0 - p)
+        return peak_lr * jnp.clip((total_steps - s) / cooldown, 0.0, 1.0)
     return f
 
 
