@@ -1,0 +1,232 @@
+"""The config schema: defaults for every key, and validation with errors that name the bad key.
+
+Every experiment is a config file in ``configs/`` returning a ``ConfigDict`` built on
+:func:`default_config`, plus command-line overrides (``--config.train.steps=200``).
+The default ``ConfigDict`` is *locked*: an override of a key that does not exist fails at start
+with ml-collections' error naming the key (we re-raise it with the list of valid keys).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+CONFIG_SECTIONS = ("model", "optim", "train", "data", "eval", "checkpoint", "mesh", "logging")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message names the key and says what to do."""
+
+
+def default_model() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.vocab_size = 8192
+    m.d_model = 256
+    m.n_layers = 4
+    m.n_heads = 4
+    m.d_ff = 683  # SwiGLU hidden width (BTLM: 8/3 * d_model, rounded)
+    m.activation = "swiglu"  # swiglu | gelu (exact) | gelu_tanh (GPT-2 "gelu_new")
+    m.position = "alibi"  # alibi | learned
+    m.max_seq_len = 2048  # learned positions: table size; alibi: informational
+    m.alibi_scaling = 1.0  # fixed ALiBi slope divisor (HF btlm `alibi_scaling` factor)
+    m.train_seq_len = 0  # length the model was trained at (0: train.seq_len); used by PI
+    m.layer_norm_eps = 1e-5
+    m.use_bias = True  # biases on QKV / attention output / FFN (BTLM, GPT-2)
+    m.tie_embeddings = True
+    # muP (Yang et al.; BTLM's settings). With mup.enabled=False the model is standard
+    # parametrisation: 1/sqrt(d_head) attention scale, no multipliers, init_std unscaled.
+    m.mup = ml_collections.ConfigDict()
+    m.mup.enabled = True
+    m.mup.base_d_model = 256
+    m.mup.base_d_ff = 682.6666666666666  # BTLM: 8/3 * 256
+    m.mup.embed_mult = 14.6
+    m.mup.output_mult = 2.22
+    m.init_std = 0.073  # base init sigma (truncated normal at 2 sigma)
+    m.scan_layers = True
+    m.remat = "none"  # none | minimal | full
+    m.dtype = "float32"  # compute dtype
+    m.param_dtype = "float32"
+    m.attention = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+    m.loss_chunk_size = 0  # >0: chunked cross-entropy over the sequence
+    return m
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = default_model()
+
+    o = c.optim = ml_collections.ConfigDict()
+    o.name = "adamw"  # adamw | adamw_ema (same numbers; the EMA form exposes timescales)
+    o.peak_lr = 3e-3
+    o.warmup_steps = 20
+    o.schedule = "d2z"
+    o.decay_ratio = 10.0  # for *_10x schedules: final lr = peak / decay_ratio
+    o.final_lr = -1.0  # linear/cosine end value; <0 means derived from the schedule name
+    o.cooldown_fraction = 0.2  # wsd
+    o.step_fractions = (0.5, 0.75)  # step schedule
+    o.step_factor = 0.1
+    o.weight_decay = 0.1
+    o.independent_weight_decay = False  # theta *= 1 - lambda_t instead of 1 - eta_t * lambda
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.grad_clip = 1.0
+    o.mup_lr_scaling = True  # hidden matrices get lr / width_mult (only if model.mup.enabled)
+
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 200
+    t.batch_size = 8  # global batch (sequences per optimizer step)
+    t.seq_len = 256
+    t.grad_accum_steps = 1
+    t.log_every_steps = 10
+    # Variable sequence length: a tuple of "seq_len:batch_size:steps" strings (BTLM:
+    # ("2048:1920:119727", "8192:480:39909")). Empty = one phase from seq_len/batch_size/steps.
+    t.phases = ()
+
+    d = c.data = ml_collections.ConfigDict()
+    d.train = ""  # glob(s) of shards, comma separated; empty = embedded sample corpus
+    d.eval = ""  # glob(s) for evaluation; empty = the sample corpus' holdout split
+    d.cache_dir = ""  # empty = ~/.cache/btlm_jax
+    d.tokenizer = ""  # path to .model or tokenizer.json; empty = train a sentencepiece model
+    d.tokenizer_type = "bpe"  # bpe | unigram (when training one)
+    d.packing = "concat"  # concat | document
+    d.mixture = ""  # "src=w,src=w" or a preset name (see btlm_jax.data.mixtures); empty = natural
+    d.source_field = "meta.redpajama_set_name"
+    d.on_error = "raise"  # raise | skip
+    d.num_workers = 0  # grain worker processes (0 = in process)
+    d.prefetch = 2
+
+    e = c.eval = ml_collections.ConfigDict()
+    e.every_steps = 50
+    e.num_batches = 4
+    e.batch_size = 8
+
+    k = c.checkpoint = ml_collections.ConfigDict()
+    k.every_steps = 100
+    k.keep = 3
+    k.async_save = True
+
+    ms = c.mesh = ml_collections.ConfigDict()
+    ms.data = -1
+    ms.fsdp = 1
+    ms.tensor = 1
+    ms.layout = "standard"  # standard | weight_streaming
+
+    lg = c.logging = ml_collections.ConfigDict()
+    lg.tensorboard = True
+    lg.progress_bar = True
+    return c
+
+
+_CHOICES = {
+    "model.activation": ("swiglu", "gelu", "gelu_tanh"),
+    "model.position": ("alibi", "learned"),
+    "model.remat": ("none", "minimal", "full", "offload"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("xla", "cudnn"),
+    "optim.name": ("adamw", "adamw_ema"),
+    "data.packing": ("concat", "document"),
+    "data.on_error": ("raise", "skip"),
+    "data.tokenizer_type": ("bpe", "unigram"),
+    "mesh.layout": ("standard", "weight_streaming"),
+}
+
+_POSITIVE_INTS = (
+    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff",
+    "model.max_seq_len", "train.steps", "train.batch_size", "train.seq_len",
+    "train.grad_accum_steps", "train.log_every_steps", "eval.every_steps", "eval.num_batches",
+    "eval.batch_size", "checkpoint.every_steps", "checkpoint.keep",
+)
+
+
+def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def parse_phases(cfg: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
+    """Returns the training phases as (seq_len, batch_size, steps) tuples."""
+    if not cfg.train.phases:
+        return [(int(cfg.train.seq_len), int(cfg.train.batch_size), int(cfg.train.steps))]
+    phases = []
+    for i, p in enumerate(cfg.train.phases):
+        try:
+            if isinstance(p, str):
+                seq, bs, st = (int(x) for x in p.split(":"))
+            else:
+                seq, bs, st = (int(x) for x in p)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"train.phases[{i}]={p!r}: each phase must be 'seq_len:batch_size:steps', "
+                "e.g. '2048:1920:119727'") from None
+        if min(seq, bs, st) <= 0:
+            raise ConfigError(f"train.phases[{i}]={p!r}: all of seq_len, batch_size, steps must be > 0")
+        phases.append((seq, bs, st))
+    return phases
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks a config; raises ConfigError naming the offending key. Returns cfg."""
+    for key in _POSITIVE_INTS:
+        v = _get(cfg, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{key}={v!r}: must be a positive integer")
+    for key, choices in _CHOICES.items():
+        v = _get(cfg, key)
+        if v not in choices:
+            raise ConfigError(f"{key}={v!r}: must be one of {', '.join(choices)}")
+    m = cfg.model
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.alibi_scaling <= 0:
+        raise ConfigError(f"model.alibi_scaling={m.alibi_scaling}: must be > 0")
+    if m.mup.enabled and (m.mup.base_d_model <= 0 or m.mup.base_d_ff <= 0):
+        raise ConfigError("model.mup.base_d_model and model.mup.base_d_ff must be > 0")
+    o = cfg.optim
+    if o.peak_lr <= 0 or not math.isfinite(o.peak_lr):
+        raise ConfigError(f"optim.peak_lr={o.peak_lr}: must be a positive finite number")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+        raise ConfigError(f"optim.b1={o.b1}, optim.b2={o.b2}: must be in [0, 1)")
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables clipping)")
+    from btlm_jax.optim import schedules  # local import: optim depends on nothing here
+
+    if o.schedule not in schedules.SCHEDULES:
+        raise ConfigError(
+            f"optim.schedule={o.schedule!r}: must be one of {', '.join(sorted(schedules.SCHEDULES))}")
+    phases = parse_phases(cfg)
+    total = sum(p[2] for p in phases)
+    if cfg.train.phases and total != cfg.train.steps:
+        raise ConfigError(
+            f"train.steps={cfg.train.steps} but train.phases add up to {total} steps: "
+            "set train.steps to the sum of the phases' steps")
+    if o.warmup_steps > total:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} exceeds the run's {total} steps")
+    for seq, bs, _ in phases:
+        if bs % cfg.train.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size={bs} is not divisible by train.grad_accum_steps="
+                f"{cfg.train.grad_accum_steps}")
+        if m.position == "learned" and seq > m.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len={seq} exceeds model.max_seq_len={m.max_seq_len} "
+                "(learned positions have a fixed table)")
+    for ax in ("data", "fsdp", "tensor"):
+        v = cfg.mesh[ax]
+        if not isinstance(v, int) or (v <= 0 and v != -1):
+            raise ConfigError(f"mesh.{ax}={v!r}: must be a positive integer or -1 (fill)")
+    if [cfg.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
+        raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    return cfg

@@ -1,0 +1,72 @@
+"""Describe a config without allocating it: ``python -m btlm_jax.describe --config=configs/btlm.py:3b_8k``.
+
+Prints the exact parameter count (from ``jax.eval_shape``), training FLOPs per token, and the bytes
+of parameters and optimizer state. ``--json`` prints the same as one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/btlm.py:tiny", "Config file.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
+
+
+def describe(cfg) -> dict:
+    from btlm_jax import optim
+    from btlm_jax.config import parse_phases, validate
+    from btlm_jax.flops import train_flops_per_token
+    from btlm_jax.models.btlm import BTLM
+
+    validate(cfg)
+    model = BTLM(cfg.model)
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    params = jax.eval_shape(lambda r: nn.unbox(model.init(r, dummy)["params"]),
+                            jax.random.PRNGKey(0))
+    leaves = jax.tree_util.tree_leaves(params)
+    num_params = sum(int(np.prod(x.shape)) for x in leaves)
+    param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+    phases = parse_phases(cfg)
+    tx, _ = optim.build(cfg, sum(p[2] for p in phases))
+    opt = jax.eval_shape(tx.init, params)
+    opt_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                    for x in jax.tree_util.tree_leaves(opt) if hasattr(x, "dtype"))
+    seq_len = max(p[0] for p in phases)
+    embed = cfg.model.vocab_size * cfg.model.d_model
+    return {
+        "num_params": num_params,
+        "num_non_embedding_params": num_params - embed,
+        "flops_per_token": train_flops_per_token(cfg.model, seq_len),
+        "flops_per_token_seq_len": seq_len,
+        "flops_per_token_by_phase": {str(p[0]): train_flops_per_token(cfg.model, p[0])
+                                     for p in phases},
+        "param_bytes": param_bytes,
+        "optimizer_state_bytes": opt_bytes,
+        "tokens_per_step_by_phase": {str(p[0]): p[0] * p[1] for p in phases},
+    }
+
+
+def main(argv):
+    del argv
+    info = describe(_CONFIG.value)
+    gib = 1024 ** 3
+    print(f"parameters:            {info['num_params']:,} "
+          f"({info['num_non_embedding_params']:,} non-embedding)")
+    for seq, f in info["flops_per_token_by_phase"].items():
+        print(f"train FLOPs / token:   {f:.4g} at seq_len {seq}")
+    print(f"parameter bytes:       {info['param_bytes']:,} ({info['param_bytes'] / gib:.2f} GiB)")
+    print(f"optimizer state bytes: {info['optimizer_state_bytes']:,} "
+          f"({info['optimizer_state_bytes'] / gib:.2f} GiB)")
+    if _JSON.value:
+        print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,47 @@
+"""Train (or resume) a model: ``python -m btlm_jax.main --config=configs/btlm.py:tiny --workdir=DIR``.
+
+Any config key can be overridden on the command line, e.g. ``--config.train.steps=200
+--config.optim.schedule=d2z``. Rerunning the same command on the same workdir resumes from the
+latest checkpoint; SIGTERM saves a checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from btlm_jax.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/btlm.py:tiny", "Config file (and preset), e.g. configs/btlm.py:3b_8k.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from btlm_jax.parallel.distributed import maybe_initialize
+    from btlm_jax.train.checkpoint import CheckpointMismatchError
+    from btlm_jax.train.loop import train
+
+    maybe_initialize()
+    try:
+        result = train(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    keys = [k for k in ("step", "loss", "eval_loss", "tokens_per_sec") if k in result]
+    print("done: " + ", ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float)
+                               else f"{k}={result[k]}" for k in keys), flush=True)
+
+
+def run():
+    flags.mark_flag_as_required("workdir")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,207 @@
+"""A configurable GPT-style decoder covering BTLM-3B-8K and the Cerebras-GPT family.
+
+BTLM: pre-LayerNorm blocks, ALiBi, SwiGLU, biases on QKV / attention output / FFN, tied
+embeddings, muP. Cerebras-GPT (GPT-3 style): learned absolute positions and a GELU MLP, same code
+(``model.position = "learned"``, ``model.activation = "gelu"``).
+
+Functional Linen: ``logits = BTLM(cfg.model).apply({"params": params}, tokens)``. Parameters carry
+logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``, ``layers``) that
+:mod:`btlm_jax.parallel.mesh` maps to mesh axes; layers are stacked with ``nn.scan``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from btlm_jax.models.alibi import alibi_bias
+from btlm_jax.models.mup import mup_scales
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+    """Truncated normal clipped at 2 sigma (sigma of the untruncated normal, as in PyTorch)."""
+    return nn.with_logical_partitioning(
+        jax.nn.initializers.truncated_normal(std, lower=-2.0, upper=2.0), axes)
+
+
+def _zeros(axes):
+    return nn.with_logical_partitioning(jax.nn.initializers.zeros, axes)
+
+
+def _ones(axes):
+    return nn.with_logical_partitioning(jax.nn.initializers.ones, axes)
+
+
+def remat_policy(name: str):
+    """Named rematerialisation policies (``model.remat``)."""
+    cp = jax.checkpoint_policies
+    if name == "minimal":
+        return cp.dots_with_no_batch_dims_saveable
+    if name == "full":
+        return cp.nothing_saveable
+    if name == "offload":
+        return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+    raise ValueError(f"model.remat={name!r} has no policy (use none, minimal, full, offload)")
+
+
+def _layer_norm(cfg, name):
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+        scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)), name=name)
+
+
+class Attention(nn.Module):
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, x, bias, mask):
+        cfg = self.cfg
+        sc = mup_scales(cfg)
+        n_heads, d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
+        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+
+        def proj(name):
+            return nn.DenseGeneral(
+                features=(n_heads, d_head), use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype,
+                kernel_init=_init(sc.hidden_std, ("embed", "heads", "kv")),
+                bias_init=_zeros(("heads", "kv")), name=name)(x)
+
+        q, k, v = proj("query"), proj("key"), proj("value")
+        q, k, v = (checkpoint_name(t, n) for t, n in ((q, "query"), (k, "key"), (v, "value")))
+        out = jax.nn.dot_product_attention(
+            q, k, v, bias=bias.astype(dtype), mask=mask, scale=sc.attn_scale,
+            implementation=None if cfg.attention == "xla" else "cudnn")
+        out = checkpoint_name(out, "attention")
+        out = nn.DenseGeneral(
+            features=cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype,
+            param_dtype=pdtype, kernel_init=_init(sc.out_proj_std, ("heads", "kv", "embed")),
+            bias_init=_zeros(("embed",)), name="out")(out)
+        return out
+
+
+class Mlp(nn.Module):
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        sc = mup_scales(cfg)
+        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+
+        def dense(features, std, axes, name):
+            return nn.Dense(
+                features, use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype,
+                kernel_init=_init(std, axes), bias_init=_zeros((axes[-1],)), name=name)
+
+        if cfg.activation == "swiglu":
+            gate = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi_0")(x)
+            up = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi_1")(x)
+            h = nn.silu(gate) * up
+        else:
+            h = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi")(x)
+            h = nn.gelu(h, approximate=(cfg.activation == "gelu_tanh"))
+        h = nn.with_logical_constraint(checkpoint_name(h, "mlp_hidden"), ("batch", "length", "mlp"))
+        return dense(cfg.d_model, sc.out_proj_std, ("mlp", "embed"), "wo")(h)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, x, bias, mask):
+        x = x + Attention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln_1")(x), bias, mask)
+        x = x + Mlp(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, None
+
+
+def attention_mask(segment_ids, positions, q_positions=None, q_segment_ids=None):
+    """Boolean [B, 1, Tq, Tk]: causal (by position) and within the same segment."""
+    qs = segment_ids if q_segment_ids is None else q_segment_ids
+    qp = positions if q_positions is None else q_positions
+    causal = qp[:, :, None] >= positions[:, None, :]
+    same = qs[:, :, None] == segment_ids[:, None, :]
+    return (causal & same)[:, None, :, :]
+
+
+class BTLM(nn.Module):
+    """The decoder. ``__call__`` returns float32 logits [B, L, vocab] (or hidden states)."""
+
+    cfg: Any
+
+    def setup(self):
+        cfg = self.cfg
+        sc = mup_scales(cfg)
+        pdtype = DTYPES[cfg.param_dtype]
+        self.scales = sc
+        self.embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
+            embedding_init=_init(sc.embed_std, ("vocab", "embed")), name="embed")
+        if cfg.position == "learned":
+            self.pos_embed = nn.Embed(
+                cfg.max_seq_len, cfg.d_model, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
+                embedding_init=_init(sc.embed_std, (None, "embed")), name="pos_embed")
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        else:
+            self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        self.ln_f = _layer_norm(cfg, "ln_f")
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
+                kernel_init=_init(sc.hidden_std, ("embed", "vocab")), name="lm_head")
+
+    def __call__(self, tokens, segment_ids=None, positions=None, alibi_scale=1.0,
+                 return_hidden=False):
+        """tokens [B, L] int32; segment_ids (0 = padding) and positions [B, L] are optional.
+
+        ``alibi_scale`` divides the ALiBi slopes (position interpolation); it multiplies with the
+        config's fixed ``alibi_scaling``. With ``return_hidden`` the final-LayerNorm outputs are
+        returned instead of logits (for a chunked loss; see :meth:`logits_from_hidden`).
+        """
+        cfg = self.cfg
+        b, length = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, length), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        x = self.embed(tokens)
+        if cfg.position == "learned":
+            x = x + self.pos_embed(positions)
+        x = x * self.scales.embed_mult
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        mask = attention_mask(segment_ids, positions)
+        if cfg.position == "alibi":
+            bias = alibi_bias(cfg.n_heads, positions, positions, alibi_scale * cfg.alibi_scaling)
+        else:
+            bias = jnp.zeros((1, 1, 1, 1), jnp.float32)
+        if cfg.scan_layers:
+            x, _ = self.layers(x, bias, mask)
+        else:
+            for blk in self.blocks:
+                x, _ = blk(x, bias, mask)
+        x = self.ln_f(x)
+        if return_hidden:
+            return x
+        return self.logits_from_hidden(x)
+
+    def logits_from_hidden(self, x):
+        if self.cfg.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32) * self.scales.output_mult

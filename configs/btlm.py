@@ -1,0 +1,141 @@
+"""BTLM and Cerebras-GPT presets.
+
+Usage: ``python -m btlm_jax.main --config=configs/btlm.py:PRESET --workdir=DIR
+[--config.train.steps=200 ...]``. Presets:
+
+- ``tiny``: the CPU default for the main job (d_model 256 = the muP base width, 4 layers).
+- ``3b_8k``: BTLM-3B-8K exactly as published (Cerebras model card / configs params_btlm_2p7b_*):
+  d_model 2560, 32 layers, 32 heads, SwiGLU 6826, vocab 50257, ALiBi, muP (w = 10), AdamW
+  (0.9, 0.95, 1e-8, wd 0.1, clip 1.0), warmup 95 steps to 1.2e-2 then linear decay to 1.0e-4,
+  phases 2048 x 1920 for 119,727 steps then 8192 x 480 for 39,909 steps.
+- ``cerebras_gpt_111m`` ... ``cerebras_gpt_13b``: the Cerebras-GPT family (GPT-3 style: learned
+  positions, GELU MLP with 4x width, standard parametrisation, init std 0.02); dimensions, peak LRs
+  and batch sizes from the Cerebras-GPT paper's model table (Dey et al., 2023).
+- ``slimpajama_dc_1p3b``: the 1.3B model of SlimPajama-DC (Shen et al., 2023): Cerebras-GPT 1.3B
+  dimensions with ALiBi and SwiGLU, seq 2048.
+"""
+
+from btlm_jax.config import default_config
+
+# name: (d_model, n_layers, n_heads, d_ff, peak_lr, batch_size)
+CEREBRAS_GPT = {
+    "111m": (768, 10, 12, 3072, 6.0e-4, 120),
+    "256m": (1088, 14, 17, 4352, 6.0e-4, 264),
+    "590m": (1536, 18, 12, 6144, 2.0e-4, 264),
+    "1p3b": (2048, 24, 16, 8192, 2.0e-4, 528),
+    "2p7b": (2560, 32, 32, 10240, 2.0e-4, 528),
+    "6p7b": (4096, 32, 32, 16384, 1.2e-4, 1040),
+    "13b": (5120, 40, 40, 20480, 1.2e-4, 720),
+}
+_CGPT_ALIASES = {"1.3b": "1p3b", "2.7b": "2p7b", "6.7b": "6p7b"}
+
+
+def _tiny(c):
+    m = c.model
+    m.vocab_size = 4096
+    m.d_model, m.n_layers, m.n_heads, m.d_ff = 256, 4, 4, 683
+    m.max_seq_len = 2048
+    c.optim.peak_lr = 6e-3
+    c.optim.warmup_steps = 20
+    c.optim.schedule = "d2z"
+    c.train.steps = 200
+    c.train.batch_size = 8
+    c.train.seq_len = 256
+    c.eval.every_steps = 50
+    c.eval.num_batches = 4
+    c.checkpoint.every_steps = 50
+    return c
+
+
+def _btlm_3b_8k(c):
+    m = c.model
+    m.vocab_size = 50257
+    m.d_model, m.n_layers, m.n_heads, m.d_ff = 2560, 32, 32, 6826
+    m.max_seq_len = 8192
+    m.train_seq_len = 2048
+    m.mup.base_d_model = 256
+    m.mup.base_d_ff = 682.6666666666666
+    m.mup.embed_mult = 14.6
+    m.mup.output_mult = 2.22
+    m.init_std = 0.073
+    m.remat = "full"
+    m.dtype = "bfloat16"
+    o = c.optim
+    o.peak_lr = 1.2e-2
+    o.warmup_steps = 95
+    o.schedule = "linear"
+    o.final_lr = 1.0e-4
+    o.weight_decay = 0.1
+    o.b1, o.b2, o.eps, o.grad_clip = 0.9, 0.95, 1e-8, 1.0
+    c.train.phases = ("2048:1920:119727", "8192:480:39909")
+    c.train.steps = 119727 + 39909
+    c.train.batch_size = 1920
+    c.train.seq_len = 2048
+    c.eval.every_steps = 5000
+    c.checkpoint.every_steps = 1000
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    return c
+
+
+def _cerebras_gpt(c, size):
+    d, n_layers, n_heads, d_ff, lr, batch = CEREBRAS_GPT[size]
+    m = c.model
+    m.vocab_size = 50257
+    m.d_model, m.n_layers, m.n_heads, m.d_ff = d, n_layers, n_heads, d_ff
+    m.position = "learned"
+    m.activation = "gelu"
+    m.max_seq_len = 2048
+    m.mup.enabled = False
+    m.init_std = 0.02
+    m.dtype = "bfloat16"
+    o = c.optim
+    o.peak_lr = lr
+    o.warmup_steps = 375
+    o.schedule = "linear_10x"
+    o.weight_decay = 0.1
+    o.b1, o.b2, o.eps, o.grad_clip = 0.9, 0.95, 1e-8, 1.0
+    o.mup_lr_scaling = False
+    c.train.batch_size = batch
+    c.train.seq_len = 2048
+    c.train.steps = 100_000
+    c.eval.every_steps = 5000
+    c.checkpoint.every_steps = 1000
+    return c
+
+
+def _slimpajama_dc_1p3b(c):
+    m = c.model
+    m.vocab_size = 50257
+    m.d_model, m.n_layers, m.n_heads, m.d_ff = 2048, 24, 16, 5461
+    m.max_seq_len = 2048
+    m.mup.enabled = False
+    m.init_std = 0.02
+    m.dtype = "bfloat16"
+    c.optim.peak_lr = 2.0e-4
+    c.optim.warmup_steps = 375
+    c.optim.schedule = "linear_10x"
+    c.optim.mup_lr_scaling = False
+    c.train.batch_size = 1024
+    c.train.seq_len = 2048
+    c.train.steps = 28_600  # ~60B tokens at 2M tokens per step
+    c.eval.every_steps = 2000
+    c.checkpoint.every_steps = 1000
+    return c
+
+
+def get_config(preset: str = "tiny"):
+    c = default_config()
+    key = preset.strip().lower()
+    if key == "tiny":
+        return _tiny(c)
+    if key in ("3b_8k", "btlm_3b_8k"):
+        return _btlm_3b_8k(c)
+    if key == "slimpajama_dc_1p3b":
+        return _slimpajama_dc_1p3b(c)
+    if key.startswith("cerebras_gpt_"):
+        size = key[len("cerebras_gpt_"):]
+        size = _CGPT_ALIASES.get(size, size)
+        if size in CEREBRAS_GPT:
+            return _cerebras_gpt(c, size)
+    names = ["tiny", "3b_8k", "slimpajama_dc_1p3b"] + [f"cerebras_gpt_{k}" for k in CEREBRAS_GPT]
+    raise ValueError(f"configs/btlm.py: unknown preset {preset!r}; choose one of {', '.join(names)}")
