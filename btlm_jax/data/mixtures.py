@@ -22,17 +22,18 @@ CC, C4, GITHUB, BOOK, ARXIV, WIKI, SE = (
     "RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaBook", "RedPajamaArXiv",
     "RedPajamaWikipedia", "RedPajamaStackExchange")
 
-# SlimPajama-627B token proportions (Cerebras' SlimPajama dataset card / blog, table of
-# "SlimPajama" vs "RedPajama" data source proportions, in percent of tokens).
+# SlimPajama-627B token proportions, in percent. Source: the data-source proportion table of the
+# SlimPajama-627B dataset card (https://huggingface.co/datasets/cerebras/SlimPajama-627B) and
+# Cerebras' SlimPajama blog post; the same numbers are in DESIGN.md ("Data facts").
 SLIMPAJAMA = {CC: 52.2, C4: 26.7, GITHUB: 5.2, BOOK: 4.2, ARXIV: 4.6, WIKI: 3.8, SE: 3.3}
 
-# RedPajama-1T token proportions, same table (for comparison runs).
-REDPAJAMA = {CC: 72.6, C4: 14.4, GITHUB: 4.9, BOOK: 2.1, ARXIV: 2.3, WIKI: 2.0, SE: 1.7}
-
+# The SlimPajama-DC configurations (Shen et al., "SlimPajama-DC: Understanding Data Combinations
+# for LLM Training", arXiv:2309.10818, the table of six data combinations) belong here as
+# "dc1" ... "dc6". Their per-source percentages could not be verified from a readable copy of the
+# table while writing this module, so they are deliberately not transcribed from memory; add them
+# as dict entries with the table as the cited source. Until then use "src=w,..." explicitly.
 PRESETS: dict[str, dict[str, float]] = {
     "slimpajama": SLIMPAJAMA,
-    "natural_slimpajama": SLIMPAJAMA,
-    "redpajama": REDPAJAMA,
 }
 
 
