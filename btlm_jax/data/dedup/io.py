@@ -55,8 +55,24 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return sorted(files)
 
 
-def common_base(files: list[str]) -> str:
-    return os.path.commonpath([os.path.dirname(f) for f in files])
+def glob_root(pattern: str) -> str:
+    """The directory part of a glob before its first wildcard (a file's own directory)."""
+    pattern = os.path.abspath(os.path.expanduser(pattern))
+    if not glob.has_magic(pattern):
+        return os.path.dirname(pattern)
+    parts = pattern.split(os.sep)
+    fixed = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return os.sep.join(fixed) or os.sep
+
+
+def common_base(patterns: list[str], files: list[str]) -> str:
+    """Output paths are the input paths relative to this directory: the fixed prefix of
+    the --input globs, so ``in/**/*.jsonl.zst`` keeps the whole layout below ``in/``."""
+    return os.path.commonpath([glob_root(p) for p in patterns] + [os.path.dirname(f) for f in files])
 
 
 def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:

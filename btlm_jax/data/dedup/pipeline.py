@@ -333,7 +333,7 @@ def _prepare_output(cfg: DedupConfig, files: list[str]) -> tuple[str, str]:
     if os.path.exists(out) and not os.path.isdir(out):
         raise dio.DedupInputError(f"--output {cfg.output}: exists and is not a directory")
     inputs = set(files)
-    base = dio.common_base(files)
+    base = dio.common_base(cfg.inputs, files)
     if out == base or any(os.path.join(out, os.path.relpath(f, base)) in inputs for f in files):
         raise dio.DedupInputError(
             f"--output {cfg.output}: would overwrite the input files; choose a different directory"
@@ -369,7 +369,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
             f"--holdout: {sorted(overlap)[0]} is also an --input file; holdout and training must differ"
         )
     out, work = _prepare_output(cfg, files)
-    base = dio.common_base(files)
+    base = dio.common_base(cfg.inputs, files)
     relpaths = [os.path.relpath(f, base) for f in files]
     engine = make_engine(cfg.engine, cfg.workers, cfg.ray_address)
     stages = {}
