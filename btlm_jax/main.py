@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from btlm_jax.config import ConfigError
@@ -27,6 +27,7 @@ def main(argv):
     from btlm_jax.train.checkpoint import CheckpointMismatchError
     from btlm_jax.train.loop import train
 
+    logging.set_verbosity(logging.WARNING)  # Orbax/Grain INFO chatter drowns the progress bar
     maybe_initialize()
     try:
         result = train(_CONFIG.value, _WORKDIR.value)

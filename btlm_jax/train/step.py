@@ -90,13 +90,13 @@ def train_step(state: TrainState, batch, *, model: BTLM, tx: optax.GradientTrans
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     loss = loss_sum / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(params),
+        "param_norm": optax.tree.norm(params),
         "lr": lr_schedule(state.step),
         "num_tokens": count,
     }

@@ -1,0 +1,163 @@
+"""End-to-end training tests: loss falls, exact resume after SIGKILL and SIGTERM, config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from btlm_jax.config import ConfigError
+from btlm_jax.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(cache_dir, **over):
+    from configs.btlm import get_config
+
+    c = get_config("tiny")
+    m = c.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 512, 64, 2, 2, 128
+    m.mup.base_d_model, m.mup.base_d_ff = 64, 128.0
+    c.data.cache_dir = str(cache_dir)
+    c.train.seq_len, c.train.batch_size = 64, 4
+    c.optim.peak_lr, c.optim.warmup_steps = 1e-2, 5
+    c.eval.num_batches, c.eval.batch_size = 2, 4
+    c.logging.progress_bar = False
+    c.logging.tensorboard = False
+    c.checkpoint.async_save = False
+    for k, v in over.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def overrides(cfg_over):
+    return [f"--config.{k}={v}" for k, v in cfg_over.items()]
+
+
+def read_metrics(workdir):
+    return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.slow
+def test_loss_decreases(cache_dir, tmp_path):
+    cfg = small(cache_dir, **{"train.steps": 60, "train.log_every_steps": 5, "eval.every_steps": 30})
+    out = train(cfg, str(tmp_path / "run"))
+    rec = read_metrics(tmp_path / "run")
+    first, last = rec[0]["loss"], rec[-1]["loss"]
+    assert out["complete"] and rec[-1]["step"] == 60
+    assert last < first - 1.0, (first, last)
+    evals = [r["eval_loss"] for r in rec if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    import math
+    assert evals[1] < math.log(512)  # better than uniform over the vocabulary
+
+
+def _spawn(workdir, cache_dir, over):
+    cmd = [sys.executable, "-m", "btlm_jax.main", "--config=configs/btlm.py:tiny",
+           f"--workdir={workdir}"] + overrides(over)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(proc, workdir, step, timeout=300):
+    path = Path(workdir) / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early:\n{proc.stdout.read()}")
+        if path.exists():
+            lines = path.read_text().splitlines()
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("timed out waiting for training progress")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_and_sigterm_equals_uninterrupted(cache_dir, tmp_path):
+    over = {"train.steps": 30, "train.log_every_steps": 1, "checkpoint.every_steps": 5,
+            "eval.every_steps": 100}
+    cli = dict(over)
+    cli.update({"model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2,
+                "model.n_heads": 2, "model.d_ff": 128, "model.mup.base_d_model": 64,
+                "model.mup.base_d_ff": 128.0, "data.cache_dir": str(cache_dir),
+                "train.seq_len": 64, "train.batch_size": 4, "optim.peak_lr": 0.01,
+                "optim.warmup_steps": 5, "eval.num_batches": 2, "eval.batch_size": 4,
+                "logging.progress_bar": False, "logging.tensorboard": False})
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    train(small(cache_dir, **over), str(ref_dir))
+    ref = {r["step"]: r["loss"] for r in read_metrics(ref_dir)}
+
+    p = _spawn(run_dir, cache_dir, cli)
+    _wait_for_step(p, run_dir, 13)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = read_metrics(run_dir)[-1]["step"]
+
+    p = _spawn(run_dir, cache_dir, cli)
+    _wait_for_step(p, run_dir, 22)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert "SIGTERM received: saved a checkpoint" in out
+    termed_at = read_metrics(run_dir)[-1]["step"]
+    assert termed_at < 30
+
+    p = _spawn(run_dir, cache_dir, cli)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert f"resumed from {run_dir / 'checkpoints'} at step {termed_at}" in out
+    got = read_metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 31))  # one line per step, none lost
+    assert killed_at >= 13
+    for r in got:
+        assert r["loss"] == ref[r["step"]], (r["step"], r["loss"], ref[r["step"]])
+
+
+def test_unknown_config_key_fails_naming_it(tmp_path):
+    cmd = [sys.executable, "-m", "btlm_jax.main", "--config=configs/btlm.py:tiny",
+           f"--workdir={tmp_path}", "--config.train.stepz=5"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode != 0
+    assert "stepz" in r.stderr
+
+
+def test_invalid_values_fail_naming_the_key(tmp_path):
+    from btlm_jax.config import validate
+
+    c = small(tmp_path)
+    c.optim.schedule = "cosinus"
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        validate(c)
+    c = small(tmp_path)
+    c.model.n_heads = 3
+    with pytest.raises(ConfigError, match="model.n_heads"):
+        validate(c)
+    c = small(tmp_path)
+    c.train.batch_size, c.train.grad_accum_steps = 6, 4
+    with pytest.raises(ConfigError, match="grad_accum_steps"):
+        validate(c)
+
+
+def test_missing_data_path_fails_naming_it(tmp_path):
+    c = small(tmp_path, **{"data.train": str(tmp_path / "nope" / "*.jsonl.zst")})
+    with pytest.raises(Exception, match="data.train") as e:
+        train(c, str(tmp_path / "run"))
+    assert "nope" in str(e.value)
