@@ -209,3 +209,19 @@ def test_missing_train_path_error(tmp_path):
     cfg = _cfg(tmp_path, str(tmp_path / "nothing" / "*.jsonl.zst"))
     with pytest.raises(DataError, match=r"data\.train=.*nothing/\*\.jsonl\.zst"):
         pipeline.make_train_iterator(cfg, BYTES, seq_len=16, batch_size=2)
+
+
+def test_skipped_records_are_counted_on_the_iterator(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    good = [json.dumps({"text": f"document number {i} " * 5, "meta": {"redpajama_set_name": "A"}})
+            for i in range(6)]
+    (d / "x.jsonl").write_text("\n".join(good[:3] + ["{broken", "[1, 2]"] + good[3:]) + "\n")
+    cfg = _cfg(tmp_path, str(d / "*.jsonl"))
+    with pytest.raises(DataError, match=r"x\.jsonl:4"):
+        pipeline.make_train_iterator(cfg, BYTES, seq_len=16, batch_size=2)
+    cfg.data.on_error = "skip"
+    it = pipeline.make_train_iterator(cfg, BYTES, seq_len=16, batch_size=2)
+    assert it.skipped_documents == 2 == pipeline.skipped_records(cfg)
+    stream = np.concatenate([next(it)["inputs"].reshape(-1) for _ in range(40)])
+    assert sorted(set(_split_docs(stream))) == sorted(json.loads(g)["text"] for g in good)

@@ -321,14 +321,19 @@ def _source_rows(corpus: slimpajama.Corpus, source: str, source_id: int, tokeniz
 class TrainIterator(grain.DatasetIterator):
     """The training iterator: a Grain DatasetIterator plus what the loop reports.
 
-    Attributes: ``source_names``, ``weights`` (resolved mixture), ``skipped_records`` (bad input
-    records skipped with ``data.on_error=skip``; surface it in the metrics).
+    Attributes: ``source_names``, ``weights`` (resolved mixture), ``skipped_records`` (alias
+    ``skipped_documents``: bad input records skipped with ``data.on_error=skip``; the loop
+    reports it in the metrics).
     """
 
     def __init__(self, inner: grain.DatasetIterator, *, source_names, weights, skipped_records):
         super().__init__(inner)
         self.source_names, self.weights = source_names, weights
         self.skipped_records = skipped_records
+
+    @property
+    def skipped_documents(self) -> int:
+        return self.skipped_records
 
     def __next__(self):
         return next(self._parent)
@@ -372,6 +377,10 @@ def make_train_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, phase: 
     workers = int(_get(cfg, "data.num_workers", 0) or 0)
     prefetch = int(_get(cfg, "data.prefetch", 2) or 0)
     if workers > 0:
+        from absl import flags  # grain's worker processes read absl flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
     elif prefetch > 0:
@@ -387,8 +396,9 @@ def make_train_iterator(cfg, tokenizer, *, seq_len: int, batch_size: int, phase:
     """
     ds = make_train_dataset(cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, phase=phase,
                             process_index=process_index, process_count=process_count)
-    return TrainIterator(iter(ds), source_names=source_names(cfg), weights=mixture_weights(cfg),
-                         skipped_records=skipped_records(cfg))
+    it = TrainIterator(iter(ds), source_names=source_names(cfg), weights=mixture_weights(cfg),
+                       skipped_records=skipped_records(cfg))
+    return it
 
 
 def make_eval_batches(cfg, tokenizer, *, seq_len: int, batch_size: int,

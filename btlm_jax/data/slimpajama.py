@@ -389,10 +389,10 @@ class Corpus:
         self.__dict__.update(state)
         self._fd_lock, self._local = threading.Lock(), threading.local()
 
-    def __del__(self):
-        for fd in getattr(self, "_fds", {}).values():
+    def __del__(self, _close=os.close):
+        for fd in list(getattr(self, "_fds", {}).values()):
             try:
-                os.close(fd)
+                _close(fd)
             except OSError:
                 pass
 
