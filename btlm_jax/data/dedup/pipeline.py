@@ -3,10 +3,10 @@
 Stages and where their data lives (``work_dir``):
 
 1. ``hash`` (one task per input file): parse, NFC, matching form, length filter,
-   optional decontamination, MinHash, band keys.  Writes ``hash/F.npy`` (one
+   optional decontamination, MinHash, band keys.  Writes ``hash/F.bin`` (one
    record per document and band: 128-bit band key, line, source) sorted by
-   (band, partition) with ``hash/F.idx.npy`` offsets, and ``meta/F.npz`` (per-line
-   status, source, bytes).
+   (band, partition) (raw ``hash/F.bin``; the offsets go back to the driver),
+   and ``meta/F.npz`` (per-line status, source, bytes).
 2. ``lsh`` (one task per band x partition): gathers that slice of every file,
    sorts by (scope, key) and writes candidate edges ``edges/bB_pP.npy``.  Only one
    band partition is in memory per task, so memory is bounded by
@@ -210,8 +210,7 @@ def hash_file(file_idx: int, path: str, *, cfg: DedupConfig, work_dir: str, hold
     else:
         rec = np.empty(0, dtype=RECORD_DTYPE)
     stem = f"{file_idx:06d}"
-    np.save(os.path.join(work_dir, "hash", stem + ".npy"), rec)
-    np.save(os.path.join(work_dir, "hash", stem + ".idx.npy"), index)
+    rec.tofile(os.path.join(work_dir, "hash", stem + ".bin"))
     np.savez(
         os.path.join(work_dir, "meta", stem + ".npz"),
         status=np.asarray(status, dtype=np.uint8),
@@ -224,6 +223,7 @@ def hash_file(file_idx: int, path: str, *, cfg: DedupConfig, work_dir: str, hold
         "ok": n_ok,
         "bytes": bytes_in,
         "sources": list(names),
+        "index": index,
         "bad": bad,
         "seconds": time.perf_counter() - t0,
     }
@@ -232,24 +232,25 @@ def hash_file(file_idx: int, path: str, *, cfg: DedupConfig, work_dir: str, hold
 # ----------------------------------------------------------------------------- stage 2
 
 
-def lsh_partition(band: int, part: int, *, work_dir: str, files: list[int], offsets: np.ndarray,
-                  src_maps: list[np.ndarray] | None) -> dict:
+def lsh_partition(band: int, part: int, ranges: np.ndarray, *, work_dir: str, files: list[int],
+                  offsets: np.ndarray, src_maps: list[np.ndarray] | None) -> dict:
     """Candidate pairs of one band partition: documents with equal (scope, band key).
 
-    Each group of documents with the same key becomes a star of edges from its
-    smallest document index.  ``src_maps`` (local mode) maps each file's source
-    ids to global ones so that only documents of the same source are grouped.
+    ``ranges[k]`` is the (start, end) record range of this band partition in the
+    hash file of ``files[k]``.  Each group of documents with the same key becomes
+    a star of edges from its smallest document index.  ``src_maps`` (local mode)
+    maps each file's source ids to global ones so that only documents of the same
+    source are grouped.
     """
     keys_hi, keys_lo, docs, scopes = [], [], [], []
-    for f in files:
-        stem = os.path.join(work_dir, "hash", f"{f:06d}")
-        index = np.load(stem + ".idx.npy")
-        lo_i, hi_i = index[band, part], index[band, part + 1]
-        if hi_i == lo_i:
+    size = RECORD_DTYPE.itemsize
+    for f, (start, end) in zip(files, ranges.tolist()):
+        if end == start:
             continue
-        rec = np.load(stem + ".npy", mmap_mode="r")[lo_i:hi_i]
-        keys_hi.append(np.array(rec["hi"]))
-        keys_lo.append(np.array(rec["lo"]))
+        path = os.path.join(work_dir, "hash", f"{f:06d}.bin")
+        rec = np.fromfile(path, dtype=RECORD_DTYPE, count=end - start, offset=start * size)
+        keys_hi.append(rec["hi"])
+        keys_lo.append(rec["lo"])
         docs.append(rec["line"].astype(np.int64) + offsets[f])
         if src_maps is not None:
             scopes.append(src_maps[f][rec["src"]])
@@ -406,7 +407,9 @@ def run_dedup(cfg: DedupConfig) -> dict:
 
         # Stage 2: LSH, band by band and partition by partition.
         with_docs = [i for i, s in enumerate(summaries) if s["ok"]]
-        tasks = [(b, p) for b in range(cfg.bands) for p in range(cfg.partitions)]
+        index = np.stack([summaries[i]["index"] for i in with_docs]) if with_docs else None
+        tasks = [(b, p, index[:, b, p:p + 2] if with_docs else np.zeros((0, 2), np.int64))
+                 for b in range(cfg.bands) for p in range(cfg.partitions)]
         prog = Progress("2/4 lsh", len(tasks), "part", cfg.progress)
         candidate_pairs = 0
         common = {"work_dir": work, "files": with_docs, "offsets": offsets,
@@ -419,7 +422,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
         # Stage 3: connected components over all candidate pairs.
         prog = Progress("3/4 components", len(tasks), "part", cfg.progress)
         uf = UnionFind(n_docs)
-        for b, p in tasks:
+        for b, p, _ in tasks:
             edges = np.load(os.path.join(work, "edges", f"b{b:03d}_p{p:04d}.npy"))
             uf.union_edges(edges)
             prog.update(1)
