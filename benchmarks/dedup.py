@@ -135,7 +135,7 @@ def main():
 
     def tool(name, **kw):
         cfg = DedupConfig(inputs=[os.path.join(tmp, "in/**/*.jsonl.zst")],
-                          output=os.path.join(tmp, name), progress=False, **kw)
+                          output=os.path.join(tmp, name), progress=False, partitions=2, **kw)
         t, stats = timed(run_dedup, cfg)
         rows.append((f"full tool: {name}", len(texts) / t, stats["total"]["duplicates"]["documents"]))
 
