@@ -32,7 +32,7 @@ def test_fo_pool_equals_loop():
     for t in range(17):
         c = f[:, t] * c + (1 - f[:, t]) * z[:, t]
         ref.append(c)
-    np.testing.assert_allclose(M.fo_pool(jnp.asarray(f), jnp.asarray(z)), np.stack(ref, 1), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(M.fo_pool)(jnp.asarray(f), jnp.asarray(z)), np.stack(ref, 1), atol=1e-5)
 
 
 def _numpy_direction(x, kernel, bias):
@@ -59,8 +59,8 @@ def test_bidirectional_qrnn_equals_step_by_step_loop_with_padding():
     x = rng.normal(size=(2, 9, 4)).astype(np.float32)
     lengths = [9, 5]
     mask = np.arange(9)[None] < np.array(lengths)[:, None]
-    params = layer.init(jax.random.key(0), x, mask, train=False)
-    got = np.asarray(layer.apply(params, x, mask, train=False))
+    params = jax.jit(lambda k: layer.init(k, x, mask, train=False))(jax.random.key(0))
+    got = np.asarray(jax.jit(lambda p: layer.apply(p, x, mask, train=False))(params))
     p = jax.tree.map(np.asarray, params["params"])
     for b, n in enumerate(lengths):
         fwd = _numpy_direction(x[b, :n], p["fwd"]["conv"]["kernel"], p["fwd"]["conv"]["bias"])
@@ -73,10 +73,11 @@ def test_zoneout_only_in_training():
     layer = M.QRNNDirection(hidden=4, zoneout=1.0)  # every forget gate forced to 1: c stays c_0=0
     x = np.random.default_rng(2).normal(size=(1, 6, 3)).astype(np.float32)
     mask = np.ones((1, 6), bool)
-    params = layer.init(jax.random.key(0), x, mask, train=False)
-    trained = layer.apply(params, x, mask, train=True, rngs={"dropout": jax.random.key(1)})
-    np.testing.assert_array_equal(np.asarray(trained), 0.0)
-    assert np.abs(np.asarray(layer.apply(params, x, mask, train=False))).max() > 1e-3
+    params = jax.jit(lambda k: layer.init(k, x, mask, train=False))(jax.random.key(0))
+    apply = jax.jit(lambda p, r, train: layer.apply(p, x, mask, train=train, rngs={"dropout": r}),
+                    static_argnums=2)
+    np.testing.assert_array_equal(np.asarray(apply(params, jax.random.key(1), True)), 0.0)
+    assert np.abs(np.asarray(apply(params, jax.random.key(1), False))).max() > 1e-3
 
 
 def test_projection_matches_hash_formula_and_is_stable_across_processes():

@@ -69,14 +69,21 @@ def train_model(cfg, kind: str, train_records, ckpt_dir: pathlib.Path, log):
     model = model_mod.from_config(mcfg, acoustic=(kind == "multimodal"), n_classes=len(CLASSES))
     L, D = cfg.data.max_words, mcfg.projection_dim
     init_rng = jax.random.key(tcfg.seed)
-    params = model.init(init_rng, jnp.zeros((1, L, D), jnp.int8),
-                        jnp.zeros((1, L, len(feats_mod.FEATURE_NAMES))), jnp.ones((1, L), bool))["params"]
+    # Under jit: an eager init would dispatch the scan's many small ops one by one.
+    params = jax.jit(lambda k: model.init(
+        k, jnp.zeros((1, L, D), jnp.int8), jnp.zeros((1, L, len(feats_mod.FEATURE_NAMES))),
+        jnp.ones((1, L), bool))["params"])(init_rng)
     tx = make_optimizer(tcfg)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
              "rng": jax.random.key_data(jax.random.fold_in(init_rng, 1))}
     mngr = ocp.CheckpointManager(ckpt_dir.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=1))
     if mngr.latest_step() is not None:
-        state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
+        try:
+            state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
+        except Exception as e:  # noqa: BLE001 - re-raised with the fix
+            raise cfg_mod.ConfigError(
+                f"checkpoint {ckpt_dir}/{mngr.latest_step()} does not fit the current model config "
+                f"({type(e).__name__}); use a fresh --workdir or delete {ckpt_dir}") from e
         log(f"[{kind}] resumed from step {int(state['step'])}")
     ds = data_mod.train_dataset(train_records, batch_size=tcfg.batch_size, projection_dim=D,
                                 max_len=L, seed=tcfg.seed)
