@@ -13,6 +13,9 @@ Usage: ``python -m btlm_jax.main --config=configs/btlm.py:PRESET --workdir=DIR
   and batch sizes from the Cerebras-GPT paper's model table (Dey et al., 2023).
 - ``slimpajama_dc_1p3b``: the 1.3B model of SlimPajama-DC (Shen et al., 2023): Cerebras-GPT 1.3B
   dimensions with ALiBi and SwiGLU, seq 2048.
+- ``bench``: the throughput benchmark's default (``benchmarks/train_step.py``): a BTLM-shaped
+  width-1024 model (4 layers, 8 heads of 128, SwiGLU 2730, vocab 16384, muP w = 4) at 1 x 512
+  tokens per step, about 0.2 TFLOP per step: a few seconds on a 2-core CPU.
 """
 
 from btlm_jax.config import default_config
@@ -123,6 +126,20 @@ def _slimpajama_dc_1p3b(c):
     return c
 
 
+def _bench(c):
+    m = c.model
+    m.vocab_size = 16384
+    m.d_model, m.n_layers, m.n_heads, m.d_ff = 1024, 4, 8, 2730
+    m.max_seq_len = 2048
+    c.optim.peak_lr = 6e-3
+    c.optim.warmup_steps = 10
+    c.optim.schedule = "d2z"
+    c.train.steps = 100
+    c.train.batch_size = 1
+    c.train.seq_len = 512
+    return c
+
+
 def get_config(preset: str = "tiny"):
     c = default_config()
     key = preset.strip().lower()
@@ -132,10 +149,12 @@ def get_config(preset: str = "tiny"):
         return _btlm_3b_8k(c)
     if key == "slimpajama_dc_1p3b":
         return _slimpajama_dc_1p3b(c)
+    if key == "bench":
+        return _bench(c)
     if key.startswith("cerebras_gpt_"):
         size = key[len("cerebras_gpt_"):]
         size = _CGPT_ALIASES.get(size, size)
         if size in CEREBRAS_GPT:
             return _cerebras_gpt(c, size)
-    names = ["tiny", "3b_8k", "slimpajama_dc_1p3b"] + [f"cerebras_gpt_{k}" for k in CEREBRAS_GPT]
+    names = ["tiny", "bench", "3b_8k", "slimpajama_dc_1p3b"] + [f"cerebras_gpt_{k}" for k in CEREBRAS_GPT]
     raise ValueError(f"configs/btlm.py: unknown preset {preset!r}; choose one of {', '.join(names)}")

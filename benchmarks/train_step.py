@@ -1,0 +1,303 @@
+"""Train-step throughput: compile time, step time, tokens/s, TFLOP/s, MFU, memory; vs PyTorch.
+
+Benchmarks the project's own jitted, donated ``btlm_jax.train.step.train_step`` (with
+``btlm_jax.optim.build``: clipping + AdamW with muP groups) on synthetic batches, for a config
+and mesh given exactly as to ``btlm_jax.main``:
+
+    python benchmarks/train_step.py                                   # configs/btlm.py:bench
+    python benchmarks/train_step.py --json --vs-torch                 # + the PyTorch peer
+    python benchmarks/train_step.py --config=configs/btlm.py:slimpajama_dc_1p3b \
+        --config.train.batch_size=8 --config.model.remat=minimal      # on a GPU
+
+Reported: compile time; steady-state step time (median of ``--steps`` after ``--warmup``, each
+ended with ``block_until_ready``); tokens/s; achieved model TFLOP/s
+(:func:`btlm_jax.flops.train_flops_per_token`); MFU against a matmul peak measured in this run in
+the training dtype (:class:`btlm_jax.perf.MatmulProbe`: one probe right after every timed step,
+and the MFU is the median of the per-step ratios, so step and peak see the same load on a shared
+machine) and against the device's nominal peak where known; peak device memory
+(``memory_stats`` where the backend has it, else the compiled program's memory analysis).
+``--json`` prints one JSON object as the last line. ``--vs-torch`` runs
+``benchmarks/torch_peer.py`` with the same shapes in a subprocess, halfway through the timed JAX
+steps (so both are timed across the same period), and prints both tokens/s and the ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for configs/
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(ROOT, "configs/btlm.py") + ":bench",
+    "Config file and preset, e.g. configs/btlm.py:bench; override keys with --config.KEY=VALUE.",
+    lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_DONATE = flags.DEFINE_bool("donate", True, "Donate the train state to the step (as the loop does).")
+_PEAK = flags.DEFINE_bool("peak", True, "Measure the matmul peak (MFU vs measured peak).")
+_PEAK_N = flags.DEFINE_integer("peak_n", 0, "Matmul size for the peak (0: perf's default).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+_VS_TORCH = flags.DEFINE_bool("vs_torch", False, "Also run benchmarks/torch_peer.py, same shapes.")
+_TORCH_ARGS = flags.DEFINE_string("torch_args", "", "Extra arguments for torch_peer.py.")
+flags.DEFINE_alias("vs-torch", "vs_torch")
+
+
+def _synthetic_batch(cfg, batch_size, seq_len, sharding):
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+    host = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": np.ones((batch_size, seq_len), np.float32),
+        "segment_ids": np.ones((batch_size, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
+    }
+    return {k: jax.device_put(np.ascontiguousarray(v), sharding) for k, v in host.items()}
+
+
+def _memory(device, compiled) -> dict:
+    out = {}
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        stats = None
+    if stats and stats.get("peak_bytes_in_use"):
+        out["peak_memory_bytes"] = int(stats["peak_bytes_in_use"])
+        out["peak_memory_source"] = "memory_stats"
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        ma = None
+    if ma is not None:
+        prog = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+                - ma.alias_size_in_bytes)
+        out["compiled_memory"] = {
+            "argument_bytes": int(ma.argument_size_in_bytes),
+            "output_bytes": int(ma.output_size_in_bytes),
+            "temp_bytes": int(ma.temp_size_in_bytes),
+            "alias_bytes": int(ma.alias_size_in_bytes),
+            "total_bytes": int(prog),
+        }
+        if "peak_memory_bytes" not in out:
+            out["peak_memory_bytes"] = int(prog)
+            out["peak_memory_source"] = "compiled.memory_analysis"
+    return out
+
+
+def run_jax(cfg, steps: int, warmup: int, donate: bool, measure_peak: bool, peak_n: int,
+            between=lambda: None) -> dict:
+    import functools
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from btlm_jax import optim, perf
+    from btlm_jax.config import validate
+    from btlm_jax.flops import train_flops_per_token
+    from btlm_jax.models.btlm import BTLM
+    from btlm_jax.parallel import mesh as mesh_lib
+    from btlm_jax.train.step import TrainState, train_step
+
+    cfg = validate(cfg)
+    batch_size, seq_len = int(cfg.train.batch_size), int(cfg.train.seq_len)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    model = BTLM(cfg.model)
+    tx, lr_schedule = optim.build(cfg, int(cfg.train.steps))
+
+    dummy = jnp.zeros((1, 8), jnp.int32)
+
+    def init_state(rng):
+        params = nn.unbox(model.init(rng, dummy)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    rng = jax.random.PRNGKey(cfg.seed)
+    boxed = jax.eval_shape(lambda r: model.init(r, dummy), rng)
+    with nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+        param_sh = mesh_lib.logical_to_sharding(nn.get_partition_spec(boxed)["params"], mesh)
+    abstract = jax.eval_shape(init_state, rng)
+    state_sh = TrainState(
+        step=mesh_lib.replicated(mesh), params=param_sh,
+        opt_state=mesh_lib.tree_shardings_like_params(abstract.opt_state, param_sh, mesh))
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
+    state = jax.jit(init_state, out_shardings=state_sh)(rng)
+    batch = _synthetic_batch(cfg, batch_size, seq_len, mesh_lib.batch_sharding(mesh))
+
+    fn = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                           grad_accum_steps=int(cfg.train.grad_accum_steps))
+    with nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+        jitted = jax.jit(fn, in_shardings=(state_sh, mesh_lib.batch_sharding(mesh)),
+                         out_shardings=(state_sh, None), donate_argnums=(0,) if donate else ())
+        t0 = time.perf_counter()
+        lowered = jitted.lower(state, batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+
+    device = jax.devices()[0]
+    probe = perf.MatmulProbe(cfg.model.dtype, n=peak_n or None) if measure_peak else None
+    losses, times, peaks = [], [], []
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
+        losses.append(float(metrics["loss"]))
+
+    def timed(k):
+        # Each timed step is followed by one matmul probe, so the step and the peak it is
+        # compared with see the same machine load (this matters on a shared machine).
+        nonlocal state
+        for _ in range(k):
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - t)
+            losses.append(float(metrics["loss"]))
+            if probe is not None:
+                peaks.append(probe.once())
+
+    timed((steps + 1) // 2)
+    between()  # e.g. the PyTorch peer, so both frameworks are timed across the same period
+    timed(steps // 2)
+
+    step_s = statistics.median(times)
+    tokens = batch_size * seq_len
+    tokens_per_sec = tokens / step_s
+    measured_peak = statistics.median(peaks) if peaks else None
+    mfu = perf.mfu_metrics(tokens_per_sec, cfg.model, seq_len, measured_peak=measured_peak,
+                           num_devices=mesh.devices.size)
+    # Paired MFU: each step against the probe right after it; the median of those ratios.
+    paired = [perf.mfu_metrics(tokens / t, cfg.model, seq_len, measured_peak=p,
+                               num_devices=mesh.devices.size)["mfu_measured"]
+              for t, p in zip(times, peaks)]
+    result = {
+        "framework": f"jax {jax.__version__}",
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "num_devices": int(mesh.devices.size),
+        "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
+        "num_params": num_params,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "tokens_per_step": tokens,
+        "flops_per_token": train_flops_per_token(cfg.model, seq_len),
+        "model": {k: cfg.model[k] for k in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size",
+                                            "dtype", "remat", "scan_layers", "attention",
+                                            "loss_chunk_size")},
+        "grad_accum_steps": int(cfg.train.grad_accum_steps),
+        "donate": donate,
+        "lower_time_s": t1 - t0,
+        "compile_time_s": t2 - t1,
+        "step_time_s": step_s,
+        "step_times_s": times,
+        "tokens_per_sec": tokens_per_sec,
+        "model_tflops": mfu["model_tflops"],
+        "measured_peak_tflops": measured_peak,
+        "measured_peaks_tflops": peaks,
+        "nominal_peak_tflops": perf.nominal_peak_tflops(device),
+        "mfu_measured_peak": statistics.median(paired) if paired else None,
+        "mfu_measured_peak_unpaired": mfu.get("mfu_measured"),
+        "mfu_nominal_peak": mfu.get("mfu_nominal"),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
+    result.update(_memory(device, compiled))
+    return result
+
+
+def run_torch(cfg, steps: int, warmup: int, extra: str) -> dict:
+    m = cfg.model
+    if m.activation != "swiglu" or m.position != "alibi" or not m.tie_embeddings \
+            or not m.mup.enabled or not m.use_bias:
+        raise SystemExit("--vs-torch: the peer implements the BTLM architecture only "
+                         "(swiglu, alibi, tied embeddings, muP, biases)")
+    args = [sys.executable, os.path.join(ROOT, "benchmarks", "torch_peer.py"), "--json",
+            f"--vocab_size={m.vocab_size}", f"--d_model={m.d_model}", f"--n_layers={m.n_layers}",
+            f"--n_heads={m.n_heads}", f"--d_ff={m.d_ff}", f"--seq_len={cfg.train.seq_len}",
+            f"--batch_size={cfg.train.batch_size}", f"--steps={steps}", f"--warmup={warmup}",
+            f"--base_d_model={m.mup.base_d_model}", f"--base_d_ff={m.mup.base_d_ff}",
+            f"--embed_mult={m.mup.embed_mult}", f"--output_mult={m.mup.output_mult}",
+            f"--init_std={m.init_std}", f"--eps={m.layer_norm_eps}", f"--lr={cfg.optim.peak_lr}",
+            f"--weight_decay={cfg.optim.weight_decay}", f"--clip={cfg.optim.grad_clip}"]
+    args += extra.split()
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"torch_peer.py failed (exit {proc.returncode}); is torch installed? "
+                         "pip install torch==2.13.0 (CPU build)")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt_bytes(n):
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cfg = _CONFIG.value
+    torch_result = {}
+
+    def between():
+        if _VS_TORCH.value:
+            torch_result.update(run_torch(cfg, _STEPS.value, _WARMUP.value, _TORCH_ARGS.value))
+
+    r = run_jax(cfg, _STEPS.value, _WARMUP.value, _DONATE.value, _PEAK.value, _PEAK_N.value,
+                between)
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    rows = [
+        ("backend / devices", f"{r['backend']} {r['device_kind']} x{r['num_devices']} "
+                              f"mesh {r['mesh']}"),
+        ("model", f"{r['num_params']:,} params, {r['model']}"),
+        ("batch", f"{r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']} tokens/step, "
+                  f"grad_accum {r['grad_accum_steps']}, donate {r['donate']}"),
+        ("compile time", f"{r['compile_time_s']:.1f} s (+ lowering {r['lower_time_s']:.1f} s)"),
+        ("step time (median)", f"{r['step_time_s']:.3f} s of {len(r['step_times_s'])} "
+                               f"[{', '.join(f'{t:.3f}' for t in r['step_times_s'])}]"),
+        ("tokens/s", f"{r['tokens_per_sec']:.1f}"),
+        ("model TFLOP/s", f"{r['model_tflops']:.4f} ({r['flops_per_token'] / 1e6:.1f} "
+                          "MFLOP/token)"),
+        ("measured matmul peak", "n/a" if r["measured_peak_tflops"] is None else
+         f"{r['measured_peak_tflops']:.4f} TFLOP/s ({r['model']['dtype']}; median of "
+         f"{', '.join(f'{p:.4f}' for p in r['measured_peaks_tflops'])})"),
+        ("MFU vs measured peak", f"{pct(r['mfu_measured_peak'])} (median of per-step ratios; "
+                                 f"median/median {pct(r['mfu_measured_peak_unpaired'])})"),
+        ("MFU vs nominal peak", pct(r["mfu_nominal_peak"]) + (
+            "" if r["nominal_peak_tflops"] is None else f" of {r['nominal_peak_tflops']} TFLOP/s")),
+        ("peak memory", f"{_fmt_bytes(r.get('peak_memory_bytes'))} "
+                        f"({r.get('peak_memory_source', 'unavailable')})"),
+        ("loss", f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}"),
+    ]
+    if _VS_TORCH.value:
+        t = torch_result
+        r["torch"] = t
+        r["torch_tokens_per_sec"] = t["tokens_per_sec"]
+        r["ratio_vs_torch"] = r["tokens_per_sec"] / t["tokens_per_sec"]
+        rows += [
+            ("torch peer", f"{t['framework']}, {t['threads']} threads, {t['num_params']:,} params, "
+                           f"step {t['step_time_s']:.3f} s, loss {t['first_loss']:.4f} -> "
+                           f"{t['last_loss']:.4f}"),
+            ("tokens/s jax | torch", f"{r['tokens_per_sec']:.1f} | {t['tokens_per_sec']:.1f}"),
+            ("ratio jax / torch", f"{r['ratio_vs_torch']:.2f}x"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if _JSON.value:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    app.run(main)
