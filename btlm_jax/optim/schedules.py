@@ -110,13 +110,6 @@ def _cosine_d2z(peak_lr, total_steps, warmup_steps, **options):
 def _step(peak_lr, total_steps, warmup_steps, **options):
     fractions: Sequence[float] = tuple(float(x) for x in options["step_fractions"])
     factor = float(options["step_factor"])
-    if not 0 < factor <= 1:
-        raise ValueError(f"step_factor={factor}: must be in (0, 1]")
-    if not fractions:
-        raise ValueError("step_fractions=(): give at least one fraction of total_steps")
-    if any(not 0 < f < 1 for f in fractions) or list(fractions) != sorted(fractions):
-        raise ValueError(
-            f"step_fractions={fractions}: must be increasing fractions of total_steps in (0, 1)")
     boundaries = [f * total_steps for f in fractions]
 
     def f(step):
@@ -128,8 +121,6 @@ def _step(peak_lr, total_steps, warmup_steps, **options):
 
 def _wsd(peak_lr, total_steps, warmup_steps, **options):
     frac = float(options["cooldown_fraction"])
-    if not 0 < frac <= 1:
-        raise ValueError(f"cooldown_fraction={frac}: must be in (0, 1]")
     cooldown = frac * total_steps
     start = total_steps - cooldown
     if start < warmup_steps:
@@ -150,6 +141,25 @@ def _inv_sqrt(peak_lr, total_steps, warmup_steps, **options):
         s = jnp.asarray(step, jnp.float32)
         return peak_lr * jnp.sqrt(w / jnp.maximum(s, w))
     return f
+
+
+def _check_options(o: dict[str, Any]) -> None:
+    """Range checks for every option, used or not, so a bad config value fails at start."""
+    _ratio_end(o)
+    if not math.isfinite(float(o["final_lr"])):
+        raise ValueError(f"final_lr={o['final_lr']!r}: must be finite (< 0: derived)")
+    frac = float(o["cooldown_fraction"])
+    if not 0 < frac <= 1:
+        raise ValueError(f"cooldown_fraction={frac}: must be in (0, 1]")
+    factor = float(o["step_factor"])
+    if not 0 < factor <= 1:
+        raise ValueError(f"step_factor={factor}: must be in (0, 1]")
+    fractions = tuple(float(x) for x in o["step_fractions"])
+    if not fractions:
+        raise ValueError("step_fractions=(): give at least one fraction of total_steps")
+    if any(not 0 < f < 1 for f in fractions) or list(fractions) != sorted(fractions):
+        raise ValueError(
+            f"step_fractions={fractions}: must be increasing fractions of total_steps in (0, 1)")
 
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
@@ -188,6 +198,7 @@ def schedule(name: str, *, peak_lr: float, total_steps: int, warmup_steps: int,
             f"warmup_steps={warmup_steps!r}: must be an integer in [0, total_steps={total_steps}]")
     total_steps, warmup_steps = int(total_steps), int(warmup_steps)
     opts = {**OPTION_DEFAULTS, **options}
+    _check_options(opts)
     after = SCHEDULES[name](peak_lr, total_steps, warmup_steps, **opts)
     if warmup_steps == 0:
         return after
