@@ -60,7 +60,13 @@ class Attention(nn.Module):
     cfg: Any
 
     @nn.compact
-    def __call__(self, x, bias, mask):
+    def __call__(self, x, bias, mask, cache=None, cache_index=None):
+        """Returns (output, new_cache). Without ``cache`` the keys/values are those of ``x``.
+
+        With a KV ``cache`` ({"k", "v"}: [B, S, heads, d_head]) the new keys/values are written
+        at slots ``[cache_index, cache_index + T)`` and the queries attend over all S slots;
+        ``bias`` and ``mask`` are then [B, H, T, S] (built by :meth:`BTLM.decode`).
+        """
         cfg = self.cfg
         sc = mup_scales(cfg)
         n_heads, d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
@@ -74,6 +80,12 @@ class Attention(nn.Module):
 
         q, k, v = proj("query"), proj("key"), proj("value")
         q, k, v = (checkpoint_name(t, n) for t, n in ((q, "query"), (k, "key"), (v, "value")))
+        new_cache = None
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            new_cache = {"k": k, "v": v}
         out = jax.nn.dot_product_attention(
             q, k, v, bias=bias.astype(dtype), mask=mask, scale=sc.attn_scale,
             implementation=None if cfg.attention == "xla" else "cudnn")
@@ -82,7 +94,7 @@ class Attention(nn.Module):
             features=cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype,
             param_dtype=pdtype, kernel_init=_init(sc.out_proj_std, ("heads", "kv", "embed")),
             bias_init=_zeros(("embed",)), name="out")(out)
-        return out
+        return out, new_cache
 
 
 class Mlp(nn.Module):
@@ -116,11 +128,13 @@ class Block(nn.Module):
     cfg: Any
 
     @nn.compact
-    def __call__(self, x, bias, mask):
-        x = x + Attention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln_1")(x), bias, mask)
+    def __call__(self, x, bias, mask, cache=None, cache_index=None):
+        h, new_cache = Attention(self.cfg, name="attn")(
+            _layer_norm(self.cfg, "ln_1")(x), bias, mask, cache, cache_index)
+        x = x + h
         x = x + Mlp(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x, None
+        return x, new_cache
 
 
 def attention_mask(segment_ids, positions, q_positions=None, q_segment_ids=None):
@@ -132,10 +146,24 @@ def attention_mask(segment_ids, positions, q_positions=None, q_segment_ids=None)
     return (causal & same)[:, None, :, :]
 
 
+def init_cache(model_cfg, batch_size: int, length: int, dtype=None) -> dict:
+    """An empty KV cache for :meth:`BTLM.decode` holding ``length`` positions per sequence."""
+    d_head = model_cfg.d_model // model_cfg.n_heads
+    dtype = DTYPES[model_cfg.dtype] if dtype is None else dtype
+    shape = (model_cfg.n_layers, batch_size, length, model_cfg.n_heads, d_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "positions": jnp.zeros((batch_size, length), jnp.int32),
+            "segment_ids": jnp.zeros((batch_size, length), jnp.int32)}
+
+
 class BTLM(nn.Module):
     """The decoder. ``__call__`` returns float32 logits [B, L, vocab] (or hidden states)."""
 
     cfg: Any
+    # Optional function applied to each layer's parameters inside the layer scan (before remat,
+    # so the backward pass re-applies it). The weight-streaming layout uses it to move one
+    # layer's weights from host memory to the devices at a time (btlm_jax/parallel/streaming.py).
+    layer_params_fn: Any = None
 
     def setup(self):
         cfg = self.cfg
@@ -150,12 +178,14 @@ class BTLM(nn.Module):
                 cfg.max_seq_len, cfg.d_model, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
                 embedding_init=_init(sc.embed_std, (None, "embed")), name="pos_embed")
         block = Block
+        if self.layer_params_fn is not None:
+            block = nn.map_variables(block, "params", trans_in_fn=self.layer_params_fn)
         if cfg.remat != "none":
             block = nn.remat(block, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         else:
             self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
@@ -179,18 +209,11 @@ class BTLM(nn.Module):
             segment_ids = jnp.ones((b, length), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        x = self.embed(tokens)
-        if cfg.position == "learned":
-            x = x + self.pos_embed(positions)
-        x = x * self.scales.embed_mult
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = self._embed(tokens, positions)
         mask = attention_mask(segment_ids, positions)
-        if cfg.position == "alibi":
-            bias = alibi_bias(cfg.n_heads, positions, positions, alibi_scale * cfg.alibi_scaling)
-        else:
-            bias = jnp.zeros((1, 1, 1, 1), jnp.float32)
+        bias = self._bias(positions, positions, alibi_scale)
         if cfg.scan_layers:
-            x, _ = self.layers(x, bias, mask)
+            x, _ = self.layers(x, bias, mask, None, None)
         else:
             for blk in self.blocks:
                 x, _ = blk(x, bias, mask)
@@ -198,6 +221,60 @@ class BTLM(nn.Module):
         if return_hidden:
             return x
         return self.logits_from_hidden(x)
+
+    def _embed(self, tokens, positions):
+        x = self.embed(tokens)
+        if self.cfg.position == "learned":
+            x = x + self.pos_embed(positions)
+        x = x * self.scales.embed_mult
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    def _bias(self, q_positions, k_positions, alibi_scale):
+        cfg = self.cfg
+        if cfg.position == "alibi":
+            return alibi_bias(cfg.n_heads, q_positions, k_positions,
+                              alibi_scale * cfg.alibi_scaling)
+        return jnp.zeros((1, 1, 1, 1), jnp.float32)
+
+    def decode(self, tokens, cache, cache_index, segment_ids=None, positions=None,
+               alibi_scale=1.0):
+        """Incremental forward with a KV cache: returns (logits [B, T, vocab], new cache).
+
+        ``tokens`` [B, T] are written to cache slots ``[cache_index, cache_index + T)`` (a
+        prefill is T = prompt length, a decode step T = 1). ``cache`` comes from
+        :func:`init_cache`: ``k``/``v`` [n_layers, B, S, heads, d_head] plus the ``positions``
+        and ``segment_ids`` [B, S] of every slot (segment 0 = empty or padding, never attended
+        to by real tokens). The ALiBi bias is recomputed from the cached positions at every step
+        (keys are stored without it), so ``alibi_scale`` may differ from the prefill's. The
+        logits equal those of :meth:`__call__` on the whole sequence.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        k_pos = jax.lax.dynamic_update_slice(
+            cache["positions"], positions.astype(jnp.int32), (0, cache_index))
+        k_seg = jax.lax.dynamic_update_slice(
+            cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
+        x = self._embed(tokens, positions)
+        mask = attention_mask(k_seg, k_pos, q_positions=positions, q_segment_ids=segment_ids)
+        bias = self._bias(positions, k_pos, alibi_scale)
+        kv = {"k": cache["k"], "v": cache["v"]}
+        if cfg.scan_layers:
+            x, new_kv = self.layers(x, bias, mask, kv, cache_index)
+        else:
+            ks, vs = [], []
+            for i, blk in enumerate(self.blocks):
+                x, c = blk(x, bias, mask, {"k": kv["k"][i], "v": kv["v"][i]}, cache_index)
+                ks.append(c["k"])
+                vs.append(c["v"])
+            new_kv = {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+        x = self.ln_f(x)
+        logits = self.logits_from_hidden(x)
+        return logits, {"k": new_kv["k"], "v": new_kv["v"], "positions": k_pos,
+                        "segment_ids": k_seg}
 
     def logits_from_hidden(self, x):
         if self.cfg.tie_embeddings:
