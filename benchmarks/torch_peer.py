@@ -23,6 +23,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -138,6 +139,9 @@ def main():
         p.add_argument(f"--{name}", type=float, default=default)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--serve", action="store_true",
+                   help="after warm-up, run one timed step per 'step' line on stdin (answering "
+                        "'ready' / the step time), until 'quit' or EOF; for interleaved timing")
     a = p.parse_args()
 
     torch.manual_seed(0)
@@ -165,10 +169,24 @@ def main():
     for _ in range(max(0, a.warmup - 1)):
         step()
     times = []
-    for _ in range(a.steps):
+
+    def timed_step():
         t0 = time.perf_counter()
-        loss = step()
+        out = step()
         times.append(time.perf_counter() - t0)
+        return out
+
+    loss = first_loss
+    if a.serve:
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            loss = timed_step()
+            print(f"{times[-1]!r}", flush=True)
+    else:
+        for _ in range(a.steps):
+            loss = timed_step()
     step_s = statistics.median(times)
     result = {
         "framework": f"torch {torch.__version__}" + (" compile" if a.compile else " eager"),
@@ -182,7 +200,7 @@ def main():
         "last_loss": loss,
     }
     print(f"torch peer: {result['num_params']:,} params, {result['threads']} threads, "
-          f"step {step_s:.3f}s (median of {a.steps}), {result['tokens_per_sec']:.1f} tokens/s, "
+          f"step {step_s:.3f}s (median of {len(times)}), {result['tokens_per_sec']:.1f} tokens/s, "
           f"loss {first_loss:.3f} -> {loss:.3f}")
     if a.json:
         print(json.dumps(result))
