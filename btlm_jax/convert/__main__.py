@@ -1,0 +1,101 @@
+"""``python -m btlm_jax.convert import|export ...`` (see :mod:`btlm_jax.convert`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "import: Hugging Face checkpoint directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (import: created; export: read).")
+_OUT = flags.DEFINE_string("out", None, "export: output directory for config.json + model.safetensors.")
+_LAYOUT = flags.DEFINE_enum("layout", None, ["btlm", "gpt2"], "export: layout (default: by model).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "export: tensor dtype (default: the parameters' dtype).")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", "", "import: tokenizer file (tokenizer.json or sentencepiece .model); default: "
+    "HF_DIR/tokenizer.json.")
+_STEP = flags.DEFINE_integer("step", -1, "export: checkpoint step (-1: latest).")
+
+USAGE = ("usage: python -m btlm_jax.convert import --hf_dir=DIR --workdir=RUN [--tokenizer=PATH]\n"
+         "       python -m btlm_jax.convert export --workdir=RUN --out=DIR [--layout=btlm|gpt2]")
+
+
+def import_checkpoint(hf_dir: str, workdir: str, tokenizer: str = "") -> dict:
+    """Writes a run directory holding the Hugging Face checkpoint as step 0 (fresh optimizer)."""
+    import jax
+    import jax.numpy as jnp
+
+    from btlm_jax.config import default_config
+    from btlm_jax.convert import hf
+    from btlm_jax.train.loop import Trainer
+    from btlm_jax.train.step import TrainState
+
+    wd = Path(workdir)
+    if (wd / "checkpoints").exists() and any((wd / "checkpoints").iterdir()):
+        raise hf.ConversionError(f"{wd} already holds checkpoints; import into a new --workdir")
+    tok = tokenizer or str(Path(hf_dir) / "tokenizer.json")
+    if not Path(tok).exists():
+        raise hf.ConversionError(
+            f"no tokenizer: {tok} does not exist. Pass --tokenizer=PATH (a tokenizer.json or a "
+            "sentencepiece .model matching the checkpoint's vocabulary)")
+    cfg, params, layout = hf.load_hf(hf_dir, default_config())
+    m = cfg.model
+    cfg.data.tokenizer = str(Path(tok).absolute())
+    seq = int(m.train_seq_len) or min(int(m.max_seq_len), 2048)
+    cfg.train.seq_len = min(seq, int(m.max_seq_len)) if m.position == "learned" else seq
+    if m.position == "alibi" and not int(m.train_seq_len):
+        m.train_seq_len = int(m.max_seq_len)  # the HF config's context length
+    tr = Trainer(cfg, str(wd))
+    params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params),
+                            tr.state_shardings.params)
+    opt = jax.jit(tr.tx.init, out_shardings=tr.state_shardings.opt_state)(params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt)
+    tr.ckpt.save(0, state, {"phase": None, "iterator": None, "tokens_per_source": {},
+                            "imported_from": str(Path(hf_dir).absolute()), "layout": layout},
+                 force=True)
+    tr.ckpt.close()
+    return {"workdir": str(wd.absolute()), "layout": layout, "num_params": tr.num_params}
+
+
+def export_checkpoint(workdir: str, out: str, layout: str | None = None, dtype: str | None = None,
+                      step: int | None = None) -> Path:
+    from btlm_jax.convert import hf
+    from btlm_jax.eval.session import load_run
+
+    run = load_run(workdir, step)
+    return hf.save_hf(run.params, run.cfg.model, out, layout, dtype=dtype,
+                      eos_token_id=run.tokenizer.eos_id)
+
+
+def main(argv):
+    from btlm_jax.config import ConfigError
+    from btlm_jax.convert.hf import ConversionError
+    from btlm_jax.eval.session import RunError
+    from btlm_jax.train.checkpoint import CheckpointMismatchError
+
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) != 2 or argv[1] not in ("import", "export"):
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    try:
+        if argv[1] == "import":
+            if not _HF_DIR.value or not _WORKDIR.value:
+                raise ConversionError("import needs --hf_dir and --workdir")
+            info = import_checkpoint(_HF_DIR.value, _WORKDIR.value, _TOKENIZER.value)
+            print(f"imported {_HF_DIR.value} ({info['layout']} layout, {info['num_params']:,} "
+                  f"parameters) into {info['workdir']}")
+        else:
+            if not _WORKDIR.value or not _OUT.value:
+                raise ConversionError("export needs --workdir and --out")
+            path = export_checkpoint(_WORKDIR.value, _OUT.value, _LAYOUT.value, _DTYPE.value,
+                                     None if _STEP.value < 0 else _STEP.value)
+            print(f"wrote {path / 'config.json'} and {path / 'model.safetensors'}")
+    except (ConversionError, ConfigError, CheckpointMismatchError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
