@@ -1,8 +1,5 @@
 """muP coordinate check: block outputs flat in width under muP, growing under SP."""
 
-import json
-import subprocess
-import sys
 
 import pytest
 
