@@ -1,6 +1,5 @@
 """muP coordinate check: block outputs flat in width under muP, growing under SP."""
 
-
 import pytest
 
 from btlm_jax.config import default_config
