@@ -36,13 +36,13 @@ def import_checkpoint(hf_dir: str, workdir: str, tokenizer: str = "") -> dict:
     if (wd / "checkpoints").exists() and any((wd / "checkpoints").iterdir()):
         raise hf.ConversionError(f"{wd} already holds checkpoints; import into a new --workdir")
     tok = tokenizer or str(Path(hf_dir) / "tokenizer.json")
-    if not Path(tok).exists():
+    if tok != "bytes" and not Path(tok).exists():
         raise hf.ConversionError(
             f"no tokenizer: {tok} does not exist. Pass --tokenizer=PATH (a tokenizer.json or a "
             "sentencepiece .model matching the checkpoint's vocabulary)")
     cfg, params, layout = hf.load_hf(hf_dir, default_config())
     m = cfg.model
-    cfg.data.tokenizer = str(Path(tok).absolute())
+    cfg.data.tokenizer = tok if tok == "bytes" else str(Path(tok).absolute())
     seq = int(m.train_seq_len) or min(int(m.max_seq_len), 2048)
     cfg.train.seq_len = min(seq, int(m.max_seq_len)) if m.position == "learned" else seq
     if m.position == "alibi" and not int(m.train_seq_len):
