@@ -154,7 +154,7 @@ def _to_float(tree) -> dict:
 class Trainer:
     """Holds the compiled pieces of a run. ``Trainer(cfg, workdir).run()`` trains to the end."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, devices=None):
         from btlm_jax.data import pipeline
         from btlm_jax.data.tokenizer import load_or_train
 
@@ -171,7 +171,7 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary ({self.tokenizer.vocab_size}); raise model.vocab_size")
         self.sources = list(pipeline.source_names(cfg))
-        self.mesh = mesh_lib.make_mesh(cfg.mesh)
+        self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)  # devices: default all
         self.model = BTLM(cfg.model)
         self.tx, self.lr_schedule = optim.build(cfg, self.total_steps)
         self._setup_state_shardings()
@@ -190,18 +190,37 @@ class Trainer:
     def _setup_state_shardings(self):
         rng = jax.random.PRNGKey(self.cfg.seed)
         dummy = jnp.zeros((1, 8), jnp.int32)
-        boxed = jax.eval_shape(lambda r: self.model.init(r, dummy), rng)
-        logical = nn.get_partition_spec(boxed)["params"]
-        with nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
-            param_sh = mesh_lib.logical_to_sharding(logical, self.mesh)
         abstract = jax.eval_shape(self._init_state, rng)
-        opt_sh = mesh_lib.tree_shardings_like_params(abstract.opt_state, param_sh, self.mesh)
-        self.state_shardings = TrainState(
-            step=mesh_lib.replicated(self.mesh), params=param_sh, opt_state=opt_sh)
+        self.streaming = None
+        if self.cfg.mesh.layout == "weight_streaming":
+            from btlm_jax.parallel.streaming import StreamingLayout
+
+            self.streaming = StreamingLayout(self.cfg.model, self.mesh)
+            self.state_shardings = self.streaming.state_shardings(abstract)
+            self.batch_sharding = self.streaming.batch_sharding
+            batch_axes = self.streaming.batch_axes
+        else:
+            boxed = jax.eval_shape(lambda r: self.model.init(r, dummy), rng)
+            logical = nn.get_partition_spec(boxed)["params"]
+            with nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+                param_sh = mesh_lib.logical_to_sharding(logical, self.mesh)
+            # every sharded dimension divisible, every large parameter actually sharded
+            mesh_lib.check_param_shardings(abstract.params, logical, param_sh, self.mesh)
+            opt_sh = mesh_lib.tree_shardings_like_params(abstract.opt_state, param_sh, self.mesh)
+            self.state_shardings = TrainState(
+                step=mesh_lib.replicated(self.mesh), params=param_sh, opt_state=opt_sh)
+            self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+            batch_axes = None
+        for i, (_, bs, _) in enumerate(self.phases):
+            mesh_lib.check_batch(bs // self.cfg.train.grad_accum_steps, self.mesh,
+                                 "train.batch_size / train.grad_accum_steps" if not
+                                 self.cfg.train.phases else
+                                 f"train.phases[{i}] batch / train.grad_accum_steps", batch_axes)
+        if self.cfg.data.eval:
+            mesh_lib.check_batch(self.cfg.eval.batch_size, self.mesh, "eval.batch_size", batch_axes)
         self.abstract_state = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract, self.state_shardings)
-        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
 
     def init_state(self):
@@ -209,19 +228,43 @@ class Trainer:
         return init(jax.random.PRNGKey(self.cfg.seed))
 
     # ----- compiled steps ------------------------------------------------------------------
+    def train_step_fn(self):
+        """The pure train step of the configured layout (to jit, or to lower ahead of time)."""
+        if self.streaming is not None:
+            from btlm_jax.parallel import streaming
+
+            return functools.partial(
+                streaming.train_step, layout=self.streaming, tx=self.tx,
+                lr_schedule=self.lr_schedule, grad_accum_steps=self.cfg.train.grad_accum_steps)
+        return functools.partial(train_step, model=self.model, tx=self.tx,
+                                 lr_schedule=self.lr_schedule,
+                                 grad_accum_steps=self.cfg.train.grad_accum_steps)
+
+    @property
+    def rules(self):
+        return mesh_lib.LOGICAL_RULES if self.streaming is None else self.streaming.rules
+
+    def jit_train_step(self):
+        return jax.jit(self.train_step_fn(),
+                       in_shardings=(self.state_shardings, self.batch_sharding),
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+    def _under_rules(self, fn):
+        def run(*args):  # the model's activation constraints read the rules at trace time
+            with nn.logical_axis_rules(self.rules):
+                return fn(*args)
+        return run
+
     @functools.cached_property
     def train_step(self):
-        fn = functools.partial(train_step, model=self.model, tx=self.tx,
-                               lr_schedule=self.lr_schedule,
-                               grad_accum_steps=self.cfg.train.grad_accum_steps)
-        with nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
-            return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                           out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        return self._under_rules(self.jit_train_step())
 
     @functools.cached_property
     def eval_step(self):
-        fn = functools.partial(eval_step, model=self.model, num_sources=len(self.sources))
-        return jax.jit(fn, in_shardings=(self.state_shardings.params, self.batch_sharding))
+        model = self.model if self.streaming is None else self.streaming.model
+        fn = functools.partial(eval_step, model=model, num_sources=len(self.sources))
+        return self._under_rules(
+            jax.jit(fn, in_shardings=(self.state_shardings.params, self.batch_sharding)))
 
     def to_global(self, local_batch: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
@@ -258,7 +301,9 @@ class Trainer:
             return {}
         tot = None
         for b in self.eval_batches(seq_len):
-            g = {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(b[k]))
+            # every process holds the whole eval batch: global shape = local shape
+            g = {k: jax.make_array_from_process_local_data(
+                     self.batch_sharding, np.asarray(b[k]), np.asarray(b[k]).shape)
                  for k in BATCH_KEYS + ("source_ids",)}
             out = jax.device_get(self.eval_step(params, g))
             tot = out if tot is None else jax.tree_util.tree_map(np.add, tot, out)

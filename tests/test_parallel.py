@@ -1,0 +1,223 @@
+"""Meshes and layouts: the same tiny run gives the same losses on every mesh and in both layouts.
+
+The runs need 8 (fake) CPU devices, so they happen in a subprocess started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (this file doubles as that worker script:
+``python tests/test_parallel.py MODE ...``); one subprocess runs all meshes in sequence so JAX
+starts once. The single-device run is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
+# float32 with different reduction orders (sharded matmuls, all-reduces) over a few Adam steps
+RTOL = 2e-4
+
+
+def tiny_overrides(cache_dir, **extra) -> dict:
+    """Config overrides (on configs/btlm.py:tiny) shared by the workers and the CLI runs."""
+    over = {
+        "model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
+        "model.d_ff": 128, "model.mup.base_d_model": 64, "model.mup.base_d_ff": 128.0,
+        "data.cache_dir": str(cache_dir), "train.seq_len": 32, "train.batch_size": 8,
+        "train.steps": 4, "train.log_every_steps": 1, "optim.peak_lr": 1e-2,
+        "optim.warmup_steps": 1, "eval.num_batches": 1, "eval.batch_size": 8,
+        "eval.every_steps": 4, "logging.progress_bar": False, "logging.tensorboard": False,
+        "checkpoint.async_save": False, "checkpoint.every_steps": 100,
+    }
+    over.update(extra)
+    return over
+
+
+def make_config(over: dict):
+    sys.path.insert(0, str(ROOT))
+    from configs.btlm import get_config
+
+    c = get_config("tiny")
+    for k, v in over.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(v) if not isinstance(node[leaf], tuple) else v
+    return c
+
+
+def read_losses(workdir) -> dict:
+    recs = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {"loss": [r["loss"] for r in recs], "grad_norm": [r["grad_norm"] for r in recs],
+            "eval_loss": [r["eval_loss"] for r in recs if "eval_loss" in r],
+            "steps": [r["step"] for r in recs], "phase": [r.get("phase") for r in recs]}
+
+
+def spawn_worker(*args, devices=8, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def assert_close(ref, got, what, rtol=RTOL):
+    import numpy as np
+
+    for key in ("loss", "grad_norm", "eval_loss"):
+        a, b = np.asarray(ref[key]), np.asarray(got[key])
+        assert a.shape == b.shape and a.size > 0, (what, key, ref[key], got[key])
+        np.testing.assert_allclose(b, a, rtol=rtol, err_msg=f"{what}: {key}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker modes (run in the subprocess).
+
+
+def drive(trainer, steps):
+    """Runs ``steps`` train steps and one evaluation with the trainer's compiled pieces (no
+    checkpoint or metrics I/O: the loop itself is covered by the multi-host and phase tests)."""
+    import jax
+
+    state = trainer.init_state()
+    it = trainer.make_iterator(0)
+    out = {"loss": [], "grad_norm": [], "steps": []}
+    for i in range(steps):
+        state, m = trainer.train_step(state, trainer.to_global(next(it)))
+        m = jax.device_get(m)
+        out["loss"].append(float(m["loss"]))
+        out["grad_norm"].append(float(m["grad_norm"]))
+        out["steps"].append(i + 1)
+    out["eval_loss"] = [trainer.evaluate(state.params, trainer.phases[0][0])["eval_loss"]]
+    return out, state
+
+
+def _worker_meshes(out_json, cache_dir, root, layout="standard"):
+    import jax
+
+    from btlm_jax.train.loop import Trainer
+
+    assert len(jax.devices()) == 8, jax.devices()
+    res = {}
+    for mesh in MESHES:
+        d, f, t = mesh
+        over = tiny_overrides(cache_dir, **{"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": t,
+                                            "mesh.layout": layout})
+        devices = jax.devices()[: d * f * t]
+        wd = Path(root) / f"{layout}_{d}x{f}x{t}"
+        with jax.default_device(devices[0]):
+            tr = Trainer(make_config(over), str(wd), devices=devices)
+            res[str(mesh)], _ = drive(tr, 4)
+    Path(out_json).write_text(json.dumps(res))
+
+
+def _worker_layouts(out_json, cache_dir, root):
+    """Standard vs weight streaming, on 8 devices, with and without gradient accumulation."""
+    import jax
+
+    from btlm_jax.parallel.streaming import StreamingLayout
+    from btlm_jax.train.loop import Trainer
+
+    res = {}
+    for layout in ("standard", "weight_streaming"):
+        for accum in (1, 2):
+            over = tiny_overrides(cache_dir, **{"mesh.layout": layout, "mesh.data": 8,
+                                                "train.batch_size": 16,
+                                                "train.grad_accum_steps": accum})
+            tr = Trainer(make_config(over), str(Path(root) / f"{layout}_{accum}"))
+            res[f"{layout}_{accum}"], state = drive(tr, 4)
+            if accum == 1:
+                res[f"{layout}_memory_kinds"] = sorted(
+                    {str(x.sharding.memory_kind) for x in jax.tree_util.tree_leaves(
+                        (state.params, state.opt_state))})
+    Path(out_json).write_text(json.dumps(res))
+
+
+if __name__ == "__main__":
+    mode, *rest = sys.argv[1:]
+    {"meshes": _worker_meshes, "layouts": _worker_layouts}[mode](*rest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests.
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    d = tmp_path_factory.getbasetemp() / "btlm_parallel_cache"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def test_same_losses_on_every_mesh(cache_dir, tmp_path):
+    out = tmp_path / "meshes.json"
+    spawn_worker("meshes", out, cache_dir, tmp_path)
+    res = json.loads(out.read_text())
+    ref = res[str((1, 1, 1))]
+    assert ref["steps"] == [1, 2, 3, 4] and len(ref["eval_loss"]) == 1
+    assert ref["loss"][-1] < ref["loss"][0]  # it trains
+    for mesh in MESHES[1:]:
+        assert_close(ref, res[str(mesh)], f"mesh {mesh} vs 1 device")
+
+
+def test_weight_streaming_equals_standard(cache_dir, tmp_path):
+    out = tmp_path / "layouts.json"
+    spawn_worker("layouts", out, cache_dir, tmp_path)
+    res = json.loads(out.read_text())
+    assert res["weight_streaming_memory_kinds"] == ["pinned_host"]
+    assert res["standard_memory_kinds"] == ["device"]
+    for accum in (1, 2):
+        assert_close(res[f"standard_{accum}"], res[f"weight_streaming_{accum}"],
+                     f"weight streaming vs standard, grad_accum_steps={accum}")
+    assert_close(res["standard_1"], res["standard_2"], "grad accumulation", rtol=1e-4)
+
+
+def test_sharding_check_names_the_parameter():
+    """n_heads not divisible by tensor, and a large replicated parameter, fail by name."""
+    code = r"""
+import jax, flax.linen as nn, jax.numpy as jnp, ml_collections as mc
+from btlm_jax.models.btlm import BTLM
+from btlm_jax.parallel import mesh as M
+import sys; sys.path.insert(0, '.')
+from configs.btlm import get_config
+def check(c, mesh, **kw):
+    model = BTLM(c.model)
+    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32)), jax.random.PRNGKey(0))
+    logical = nn.get_partition_spec(boxed)['params']
+    params = nn.unbox(boxed)['params']
+    m = M.make_mesh(mc.ConfigDict(dict(zip(('data', 'fsdp', 'tensor'), mesh))))
+    rules = kw.pop('rules', M.LOGICAL_RULES)
+    sh = M.logical_to_sharding(logical, m, rules)
+    try:
+        M.check_param_shardings(params, logical, sh, m, **kw)
+        return 'ok'
+    except M.ShardingError as e:
+        return str(e)
+c = get_config('tiny'); c.model.n_heads = 2
+print('HEADS', check(c, (2, 1, 4)).replace(chr(10), ' | '))
+c = get_config('tiny'); c.model.d_ff = 688
+print('OK', check(c, (1, 2, 4)).replace(chr(10), ' | '))
+rules = tuple((k, None if k == 'mlp' else v) for k, v in M.LOGICAL_RULES)
+print('REPL', check(c, (2, 1, 4), rules=rules, min_elements=1 << 16).replace(chr(10), ' | '))
+c = get_config('3b_8k')
+print('VOCAB', check(c, (1, 2, 4)).replace(chr(10), ' | '))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = {l.split(" ", 1)[0]: l for l in out.stdout.splitlines() if " " in l}
+    assert "layers/attn/query/kernel" in lines["HEADS"]
+    assert "model.n_heads" in lines["HEADS"] and "mesh.tensor=4" in lines["HEADS"]
+    assert lines["OK"] == "OK ok"
+    assert "layers/mlp/wi_0/kernel" in lines["REPL"] and "replicated" in lines["REPL"]
+    assert "embed/embedding" in lines["VOCAB"] and "model.vocab_size" in lines["VOCAB"]
