@@ -38,6 +38,9 @@ def describe(cfg) -> dict:
     opt = jax.eval_shape(tx.init, params)
     opt_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
                     for x in jax.tree_util.tree_leaves(opt) if hasattr(x, "dtype"))
+    from btlm_jax.quant import DEFAULT_GROUP_SIZE, bytes_by_format
+
+    weight_bytes = bytes_by_format(params, DEFAULT_GROUP_SIZE)
     seq_len = max(p[0] for p in phases)
     embed = cfg.model.vocab_size * cfg.model.d_model
     return {
@@ -49,6 +52,10 @@ def describe(cfg) -> dict:
                                      for p in phases},
         "param_bytes": param_bytes,
         "optimizer_state_bytes": opt_bytes,
+        # inference weight bytes per storage format (int8: per-channel scales; int4: groups of
+        # DEFAULT_GROUP_SIZE inputs per float32 scale; norms/biases/position tables stay float32)
+        "weight_bytes_by_format": weight_bytes,
+        "int4_group_size": DEFAULT_GROUP_SIZE,
         "tokens_per_step_by_phase": {str(p[0]): p[0] * p[1] for p in phases},
     }
 
@@ -64,6 +71,9 @@ def main(argv):
     print(f"parameter bytes:       {info['param_bytes']:,} ({info['param_bytes'] / gib:.2f} GiB)")
     print(f"optimizer state bytes: {info['optimizer_state_bytes']:,} "
           f"({info['optimizer_state_bytes'] / gib:.2f} GiB)")
+    print("inference weight bytes: " + ", ".join(
+        f"{k} {v:,} ({v / 1e9:.2f} GB)" for k, v in info["weight_bytes_by_format"].items())
+        + f" [int4: groups of {info['int4_group_size']}]")
     if _JSON.value:
         print(json.dumps(info))
 
