@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Several JAX processes on this machine, each with its own fake CPU devices, joined by
+# jax.distributed on localhost: the multi-host code path without a cluster (for testing).
+#
+#   launch/multiprocess_cpu.sh NUM_PROCESSES DEVICES_PER_PROCESS [btlm_jax.main flags...]
+#   launch/multiprocess_cpu.sh 2 4 --config=configs/btlm.py:tiny --workdir=runs/mp
+#
+# Env: PYTHON (default python), BTLM_PORT (coordinator port, default random),
+# BTLM_MODULE (default btlm_jax.main), BTLM_HEARTBEAT_TIMEOUT (seconds before a dead process is
+# noticed; see btlm_jax/parallel/distributed.py). Output lines are prefixed with [pI].
+# Exit status: 0 if every process succeeded, else the first non-zero status.
+set -u
+if [ $# -lt 2 ]; then
+  sed -n '2,12p' "$0"; exit 2
+fi
+N=$1; D=$2; shift 2
+PY=${PYTHON:-python}
+PORT=${BTLM_PORT:-$((20000 + RANDOM % 20000))}
+MODULE=${BTLM_MODULE:-btlm_jax.main}
+pids=()
+for ((i = 0; i < N; i++)); do
+  XLA_FLAGS="--xla_force_host_platform_device_count=$D ${XLA_FLAGS:-}" JAX_PLATFORMS=cpu \
+  BTLM_COORDINATOR="localhost:$PORT" BTLM_NUM_PROCESSES=$N BTLM_PROCESS_ID=$i \
+    "$PY" -u -m "$MODULE" "$@" > >(sed -u "s/^/[p$i] /") 2>&1 &
+  pids+=($!)
+done
+trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+rc=0
+for p in "${pids[@]}"; do
+  wait "$p"; s=$?
+  if [ $s -ne 0 ] && [ $rc -eq 0 ]; then rc=$s; fi
+done
+exit $rc
