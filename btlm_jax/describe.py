@@ -17,6 +17,15 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/btlm.py:tiny", "Config file.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
+_MESH = flags.DEFINE_string(
+    "mesh", None, "DATA,FSDP,TENSOR: also compile the train step ahead of time for this mesh and "
+    "print per-device memory (btlm_jax/parallel/aot.py).")
+_FAKE_DEVICES = flags.DEFINE_integer(
+    "fake_devices", 0, "With --mesh: compile for this many fake (CPU) devices instead of the "
+    "machine's real ones.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "With --mesh: the phase to compile (default: "
+                                "the longest sequence length).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "With --mesh: global batch (default: the phase's).")
 
 
 def describe(cfg) -> dict:
@@ -62,6 +71,10 @@ def describe(cfg) -> dict:
 
 def main(argv):
     del argv
+    if _MESH.value and _FAKE_DEVICES.value:
+        from btlm_jax.parallel.aot import use_fake_devices
+
+        use_fake_devices(_FAKE_DEVICES.value)  # before anything initialises a JAX backend
     info = describe(_CONFIG.value)
     gib = 1024 ** 3
     print(f"parameters:            {info['num_params']:,} "
@@ -74,6 +87,13 @@ def main(argv):
     print("inference weight bytes: " + ", ".join(
         f"{k} {v:,} ({v / 1e9:.2f} GB)" for k, v in info["weight_bytes_by_format"].items())
         + f" [int4: groups of {info['int4_group_size']}]")
+    if _MESH.value:
+        from btlm_jax.parallel import aot
+
+        info["aot"] = aot.train_step_memory(
+            _CONFIG.value, aot.parse_mesh(_MESH.value), seq_len=_SEQ_LEN.value or None,
+            batch_size=_BATCH.value or None)
+        print(aot.format_report(info["aot"]))
     if _JSON.value:
         print(json.dumps(info))
 

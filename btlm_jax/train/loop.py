@@ -180,6 +180,31 @@ class Trainer:
             async_save=cfg.checkpoint.async_save)
         self._eval_cache: dict[int, list] = {}
 
+    @classmethod
+    def for_compile(cls, cfg: ml_collections.ConfigDict, devices=None) -> "Trainer":
+        """A Trainer with model, optimizer, mesh and shardings but no data, tokenizer or
+        workdir: enough to lower and compile the steps ahead of time (``describe --mesh``)."""
+        self = cls.__new__(cls)
+        self.cfg = cfg = validate(cfg)
+        self.phases = parse_phases(cfg)
+        self.total_steps = sum(p[2] for p in self.phases)
+        self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+        self.model = BTLM(cfg.model)
+        self.tx, self.lr_schedule = optim.build(cfg, self.total_steps)
+        self._setup_state_shardings()
+        return self
+
+    def abstract_batch(self, seq_len: int, batch_size: int) -> dict:
+        dtypes = {"loss_mask": jnp.float32}
+        return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtypes.get(k, jnp.int32),
+                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+    def compile_train_step(self, seq_len: int, batch_size: int):
+        """Lowers and compiles the train step for abstract inputs (nothing is allocated)."""
+        with nn.logical_axis_rules(self.rules):
+            return self.jit_train_step().lower(
+                self.abstract_state, self.abstract_batch(seq_len, batch_size)).compile()
+
     # ----- state ---------------------------------------------------------------------------
     def _init_state(self, rng):
         dummy = jnp.zeros((1, 8), jnp.int32)
