@@ -2,7 +2,7 @@
 
 One uninterrupted run with two phases (seq 32 x batch 8, then seq 64 x batch 4: the same tokens
 per step) is the reference. Copies of its run directory are cut back to an earlier checkpoint
-(before the boundary, exactly at it, after it) and resumed; the resumed losses must equal the
+(exactly at the boundary, and inside the second phase) and resumed; the resumed losses must equal the
 reference's, step for step.
 """
 
@@ -79,7 +79,7 @@ def test_phase_change_mid_run(reference):
     assert ckpts == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("cut", [2, 3, 5])  # before the boundary, exactly at it, after it
+@pytest.mark.parametrize("cut", [3, 5])  # exactly at the boundary, inside the second phase
 def test_resume_across_phase_boundary(reference, cache_dir, tmp_path, cut):
     from btlm_jax.train.loop import train
 
