@@ -308,8 +308,10 @@ def run_local(tasks: Sequence[Task], workers: int = 1, threads: int | None = Non
     ``threads`` per process defaults to cores // workers (1 when several workers share a small
     machine). Returns (results of all finished tasks in task order, [(task, error)])."""
     check_unique(tasks)
-    if workers < 1:
-        raise SweepError(f"--workers={workers}: must be >= 1")
+    if workers < 0:
+        raise SweepError(f"--workers={workers}: must be >= 0 (0: one at a time in this process)")
+    if workers == 0:
+        return _run_in_process(tasks, log)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
     pending = sorted((t for t in tasks if not t.finished()), key=lambda t: -t.cost)
@@ -331,6 +333,23 @@ def run_local(tasks: Sequence[Task], workers: int = 1, threads: int | None = Non
     if pending:
         log(f"[sweep] {len(pending)} run(s) in {time.time() - t_start:.0f} s with {workers} "
             f"worker(s)")
+    return load_results(tasks), failures
+
+
+def _run_in_process(tasks: Sequence[Task], log) -> tuple[list[dict], list[tuple[Task, str]]]:
+    """Runs the unfinished tasks one after another in this process (tests, debugging)."""
+    failures = []
+    for i, task in enumerate(tasks, 1):
+        if task.finished():
+            continue
+        t0 = time.time()
+        try:
+            result = run_task(task)
+        except Exception as e:  # noqa: BLE001 - reported, like a failed subprocess
+            failures.append((task, f"{type(e).__name__}: {e}"))
+            log(f"[sweep] {i}/{len(tasks)} {task.name}: FAILED ({type(e).__name__}: {e})")
+            continue
+        log(f"[sweep] {i}/{len(tasks)} {task.name}: {_summary(result)} ({time.time() - t0:.0f} s)")
     return load_results(tasks), failures
 
 
@@ -437,7 +456,8 @@ def write_slurm(tasks: Sequence[Task], out_dir: str | Path, *, job_name: str = "
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:
     """The launch options every experiment command shares."""
-    p.add_argument("--workers", type=int, default=2, help="parallel local runs (default 2)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="parallel local runs (default 2; 0: one at a time in this process)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per run (0: cores / workers)")
     g = p.add_argument_group("SLURM (instead of running locally)")
