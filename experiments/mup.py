@@ -161,7 +161,7 @@ def report(summary: dict) -> str:
             f"width {w}: best LR {s['best'][str(w)]['fit']:.3g} (grid {s['best'][str(w)]['grid']:.3g}, "
             f"loss {s['best'][str(w)]['loss']:.4f})" for w in s["widths"]
             if s["best"][str(w)]["fit"]))
-        if s["spread_log2"] is not None:
+        if s["drift_log2"] is not None:
             lines.append(f"  best-LR drift narrowest->widest {s['drift_log2']:+.2f} doublings, "
                          f"spread {s['spread_log2']:.2f}")
     lines.append(f"best LR stable under muP (spread <= 1 doubling) and less stable under SP: "
