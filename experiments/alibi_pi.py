@@ -11,7 +11,7 @@ length and setting and the per-position losses), ``OUT/summary.json`` and
 
 Default (scale 1, about 10 minutes on an idle 2-core CPU): two models (width 64 x 2 layers and
 width 128 x 4 layers, vocabulary 2048) trained at length 128 for 1000 steps of 16 sequences,
-evaluated at 128, 256, 512 and 1024 on held-out text. ``--scale S`` multiplies the widths, the
+evaluated at 128, 256, 512 and 1024 on the same 32k held-out tokens at every length. ``--scale S`` multiplies the widths, the
 layer counts, the steps and the training length (rounded to a power of two).
 """
 
@@ -29,18 +29,27 @@ from launch import sweep
 FACTORS = (1, 2, 4, 8)
 
 
-def evaluate_lengths(workdir, cfg, train_result, *, lengths, batch_size, num_batches,
+def evaluate_lengths(workdir, cfg, train_result, *, lengths, eval_tokens, max_batch=8,
                      buckets=16) -> dict:
-    """Post-training hook (runs in the task's process): loss at each length, PI off and on."""
+    """Post-training hook (runs in the task's process): loss at each length, PI off and on.
+
+    Every length sees the same number of tokens (``eval_tokens // L`` sequences), taken from the
+    start of the same held-out streams, so the lengths are compared on (nearly) the same text;
+    PI on and off are compared on exactly the same tokens."""
     from btlm_jax.eval.perplexity import Evaluator
     from btlm_jax.eval.session import load_run
 
     run = load_run(workdir)
-    ev = Evaluator(run, batch_size=batch_size, num_batches=num_batches)
-    res = ev.results([int(x) for x in lengths], [False, True], num_buckets=buckets)
     keep = ("length", "position_interpolation", "pi_scale", "train_length", "loss", "perplexity",
             "tokens", "position_buckets", "position_loss")
-    return {"evals": [{k: r[k] for k in keep} for r in res]}
+    evals = []
+    for length in (int(x) for x in lengths):
+        n_seq = max(1, int(eval_tokens) // length)
+        batch = min(n_seq, int(max_batch))
+        ev = Evaluator(run, batch_size=batch, num_batches=-(-n_seq // batch))
+        for r in ev.results([length], [False, True], num_buckets=buckets):
+            evals.append({k: r[k] for k in keep})
+    return {"evals": evals}
 
 
 def models(scale: float) -> list[dict]:
@@ -56,9 +65,10 @@ def plan(args) -> tuple[list[sweep.Task], dict]:
     vocab = 2048 * int(min(4, max(1, round(s))))
     steps, batch = int(1000 * s), 16
     eval_batch, eval_batches = 8, 8
+    eval_tokens = 32768 * max(1, round(s))  # per evaluation length
     mods = models(args.scale)
     if args.smoke:
-        train_len, steps, batch, eval_batch, eval_batches = 16, 4, 4, 2, 1
+        train_len, steps, batch, eval_batch, eval_batches, eval_tokens = 16, 4, 4, 2, 1, 256
         mods = [{"d_model": 32, "n_layers": 1}]
     lengths = [train_len * f for f in FACTORS]
     data = common.prepare_data(args.data, out)
@@ -79,8 +89,8 @@ def plan(args) -> tuple[list[sweep.Task], dict]:
             name=name, workdir=str(out / "runs" / name), overrides=ov,
             meta={**m, "train_len": train_len, "steps": steps},
             post="experiments.alibi_pi:evaluate_lengths",
-            post_args={"lengths": lengths, "batch_size": eval_batch,
-                       "num_batches": eval_batches, "buckets": 16},
+            post_args={"lengths": lengths, "eval_tokens": eval_tokens, "max_batch": 8,
+                       "buckets": 16},
             cost=float(steps * m["d_model"] ** 2 * m["n_layers"])))
     info = {"experiment": "alibi_pi", "data": data["name"], "scale": args.scale,
             "train_len": train_len, "lengths": lengths, "steps": steps, "batch": batch,

@@ -29,6 +29,7 @@ class ExperimentError(ValueError):
 def parser(description: str, name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
     p.add_argument("--out", default=str(REPO / "runs" / "repro" / name),
+                   type=lambda x: str(Path(x).expanduser().absolute()),
                    help="output directory: runs/, results.jsonl, figures/ (default %(default)s)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="model/data scale: 1 = the 2-core CPU default; larger for real hardware")
