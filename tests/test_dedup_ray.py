@@ -61,7 +61,7 @@ def test_ray_and_process_pool_match_local(tmp_path):
         expected[mode] = _files(tmp_path / f"local_{mode}")
         run_dedup(DedupConfig(output=str(tmp_path / f"pool_{mode}"), workers=2, **common))
         assert _files(tmp_path / f"pool_{mode}") == expected[mode]
-    with pytest.raises(DedupInputError, match=r"example_train_0\.jsonl\.zst:31: invalid JSON"):
+    with pytest.raises(DedupInputError, match=r"example_train_\d+\.jsonl(\.zst)?:31: invalid JSON"):
         run_dedup(DedupConfig(output=str(tmp_path / "pool_fail"), workers=2,
                               inputs=[str(tmp_path / "in/**/*.jsonl*")], progress=False))
     assert expected["global"] != expected["local"]
@@ -72,8 +72,9 @@ def test_ray_and_process_pool_match_local(tmp_path):
                                   inputs=[str(tmp_path / "in/**/*.jsonl*")], on_bad_input="skip",
                                   progress=False, partitions=3))
             assert _files(tmp_path / f"ray_{mode}") == expected[mode]
-        # A bad line inside a Ray task surfaces as the same clear error, naming file and line.
-        with pytest.raises(DedupInputError, match=r"example_train_0\.jsonl\.zst:31: invalid JSON"):
+        # A bad line inside a Ray task surfaces as the same clear error, naming file and line
+        # (every file ends with a broken line; which task fails first depends on scheduling).
+        with pytest.raises(DedupInputError, match=r"example_train_\d+\.jsonl(\.zst)?:31: invalid JSON"):
             run_dedup(DedupConfig(output=str(tmp_path / "ray_fail"), engine="ray",
                                   inputs=[str(tmp_path / "in/**/*.jsonl*")], progress=False))
     finally:
