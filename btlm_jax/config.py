@@ -114,10 +114,12 @@ def default_config() -> ml_collections.ConfigDict:
     ms.fsdp = 1
     ms.tensor = 1
     ms.layout = "standard"  # standard | weight_streaming
+    ms.dcn_data = 0  # data-axis size across slices/nodes (0 = auto: TPU slices, else 1)
 
     lg = c.logging = ml_collections.ConfigDict()
     lg.tensorboard = True
     lg.progress_bar = True
+    lg.measure_peak = True  # measure a matmul peak once per process for mfu_measured
     return c
 
 

@@ -135,8 +135,11 @@ class MetricsWriter:
     def write(self, record: dict):
         if not self.primary:
             return
+        # JSON has no inf/nan (e.g. tau is infinite while the LR is 0): write null instead.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(clean) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -145,6 +148,9 @@ class MetricsWriter:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+_MEASURED_PEAKS: dict[str, float] = {}  # dtype -> TFLOP/s of this process's device
 
 
 def _to_float(tree) -> dict:
@@ -193,6 +199,19 @@ class Trainer:
         self.tx, self.lr_schedule = optim.build(cfg, self.total_steps)
         self._setup_state_shardings()
         return self
+
+    def mfu_metrics(self, tokens_per_sec: float, seq_len: int) -> dict:
+        """Model TFLOP/s and MFU (against the nominal peak where known, and against a matmul
+        peak measured once per process on this device; ``logging.measure_peak``)."""
+        from btlm_jax import perf
+
+        peak = None
+        if self.cfg.logging.measure_peak:
+            key = self.cfg.model.dtype
+            if key not in _MEASURED_PEAKS:
+                _MEASURED_PEAKS[key] = perf.measure_matmul_peak(key, repeats=2)
+            peak = _MEASURED_PEAKS[key]
+        return perf.mfu_metrics(tokens_per_sec, self.cfg.model, seq_len, measured_peak=peak)
 
     def abstract_batch(self, seq_len: int, batch_size: int) -> dict:
         dtypes = {"loss_mask": jnp.float32}
@@ -401,6 +420,7 @@ class Trainer:
                         now = time.perf_counter()
                         rec["tokens_per_sec"] = window_tokens / max(now - window_start, 1e-9)
                         window_tokens, window_start = 0, now
+                        rec.update(self.mfu_metrics(rec["tokens_per_sec"], self.phases[phase][0]))
                         rec["phase"] = phase
                         seen = sum(counters.values())
                         for s, n in counters.items():
@@ -420,7 +440,11 @@ class Trainer:
                         writer.write(rec)
                         last = rec
                         if bar is not None:
-                            post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_sec']:.0f}"}
+                            post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_sec']:.0f}",
+                                    "TFLOP/s": f"{rec['model_tflops']:.3g}"}
+                            mfu = rec.get("mfu_nominal", rec.get("mfu_measured"))
+                            if mfu is not None:
+                                post["MFU"] = f"{100 * mfu:.1f}%"
                             if "eval_loss" in rec:
                                 post["eval"] = f"{rec['eval_loss']:.3f}"
                             bar.set_postfix(post, refresh=False)
