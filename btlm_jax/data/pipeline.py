@@ -55,14 +55,7 @@ FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_
 # Config access (read defensively so older/newer configs work).
 
 
-def _get(cfg, dotted: str, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        try:
-            node = node[part]
-        except (KeyError, AttributeError, TypeError):
-            return default
-    return node
+_get = slimpajama.cfg_get
 
 
 def cache_dir(cfg) -> str:

@@ -113,6 +113,17 @@ def _kind(path: str) -> str | None:
     return None
 
 
+def cfg_get(cfg, dotted: str, default=None):
+    """``cfg.a.b`` for ``"a.b"``, or ``default`` when a key is missing (configs read defensively)."""
+    node = cfg
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            return default
+    return node
+
+
 def _field(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(obj, dict) or part not in obj:
@@ -319,7 +330,6 @@ def load_file_index(path: str, label: str | None, source_field: str, on_error: s
             pass  # unreadable cache entry: rebuild it
     fi = _build_index(path, label, source_field, on_error, seek_path)
     names = sorted(set(fi.sources))
-    ids = np.asarray([names.index(s) for s in fi.sources] if names else [], np.int32)
     lookup = {n: i for i, n in enumerate(names)}
     ids = np.asarray([lookup[s] for s in fi.sources], np.int32)
     idx_dir.mkdir(parents=True, exist_ok=True)

@@ -205,13 +205,9 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, model_type: str =
 
 
 def _cfg_get(cfg, dotted, default):
-    node = cfg
-    for part in dotted.split("."):
-        try:
-            node = node[part]
-        except (KeyError, AttributeError, TypeError):
-            return default
-    return node
+    from btlm_jax.data.slimpajama import cfg_get
+
+    return cfg_get(cfg, dotted, default)
 
 
 def load_or_train(cfg, train_glob: str | None = None) -> Tokenizer:
