@@ -144,6 +144,10 @@ def test_mixture_errors_and_natural(tmp_path):
         pipeline.make_train_iterator(cfg, BYTES, seq_len=16, batch_size=2)
     w = pipeline.mixture_weights(_cfg(tmp_path, train))
     assert w["B"] == pytest.approx(0.75, abs=0.01)  # natural: by size
+    from btlm_jax.data.mixtures import parse_mixture
+
+    with pytest.raises(DataError, match="SlimPajama-DC presets are not"):
+        parse_mixture("DC-3")  # named, not silently misread as a source
 
 
 @pytest.mark.parametrize("packing,prefetch", [("concat", 2), ("document", 0)])

@@ -42,6 +42,11 @@ def parse_mixture(spec: str) -> dict[str, float]:
     spec = (spec or "").strip()
     if spec in PRESETS:
         return dict(PRESETS[spec])
+    if spec.lower().replace("-", "").replace("_", "") in {f"dc{i}" for i in range(1, 7)}:
+        raise DataError(
+            f"data.mixture={spec!r}: the SlimPajama-DC presets are not in this codebase yet (their "
+            "table could not be verified; see btlm_jax/data/mixtures.py). Give the proportions "
+            "explicitly, e.g. data.mixture='RedPajamaCommonCrawl=0.9,RedPajamaGithub=0.1'")
     out: dict[str, float] = {}
     for item in spec.split(","):
         item = item.strip()
