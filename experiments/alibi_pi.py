@@ -29,14 +29,17 @@ from launch import sweep
 FACTORS = (1, 2, 4, 8)
 
 
+ALPHAS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
+
+
 def evaluate_lengths(workdir, cfg, train_result, *, lengths, eval_tokens, max_batch=8,
-                     buckets=16) -> dict:
+                     buckets=16, alphas=ALPHAS) -> dict:
     """Post-training hook (runs in the task's process): loss at each length, PI off and on.
 
     Every length sees the same number of tokens (``eval_tokens // L`` sequences), taken from the
     start of the same held-out streams, so the lengths are compared on (nearly) the same text;
     PI on and off are compared on exactly the same tokens."""
-    from btlm_jax.eval.perplexity import Evaluator
+    from btlm_jax.eval.perplexity import Evaluator, train_length
     from btlm_jax.eval.session import load_run
 
     run = load_run(workdir)
@@ -49,7 +52,22 @@ def evaluate_lengths(workdir, cfg, train_result, *, lengths, eval_tokens, max_ba
         ev = Evaluator(run, batch_size=batch, num_batches=-(-n_seq // batch))
         for r in ev.results([length], [False, True], num_buckets=buckets):
             evals.append({k: r[k] for k in keep})
-    return {"evals": evals}
+    # Diagnostic: partial interpolation at the longest length, slopes / (L / L_train) ** alpha
+    # (alpha 0 = plain ALiBi, 1 = PI). Where the loss rises monotonically with alpha, any
+    # interpolation hurts and there is no degradation for PI to repair.
+    longest = max(int(x) for x in lengths)
+    lt = train_length(run.cfg)
+    strength = []
+    if longest > lt:
+        n_seq = max(1, int(eval_tokens) // longest)
+        batch = min(n_seq, int(max_batch))
+        ev = Evaluator(run, batch_size=batch, num_batches=-(-n_seq // batch))
+        for alpha in alphas:
+            scale = float((longest / lt) ** float(alpha))
+            tot = ev.evaluate(longest, scale)
+            strength.append({"alpha": float(alpha), "pi_scale": scale, "length": longest,
+                             "loss": float(tot["loss_sum"] / max(tot["count"], 1.0))})
+    return {"evals": evals, "strength": strength}
 
 
 def models(scale: float) -> list[dict]:
@@ -122,10 +140,14 @@ def summarize(results: Sequence[dict]) -> dict:
         deltas = {str(L): v["off"] - v["on"] for L, v in beyond.items()}
         better = bool(beyond) and all(d > 0 for d in deltas.values())
         all_better &= better
+        strength = r["post"].get("strength", [])
         runs.append({"name": r["name"], "d_model": r["meta"]["d_model"],
                      "n_layers": r["meta"]["n_layers"], "train_len": lt,
                      "loss": {str(L): v for L, v in t.items()},
-                     "pi_gain": deltas, "pi_lower_at_every_longer_length": better})
+                     "pi_gain": deltas, "pi_lower_at_every_longer_length": better,
+                     "strength": strength,
+                     "loss_rises_with_strength": bool(strength) and all(
+                         b["loss"] >= a["loss"] for a, b in zip(strength, strength[1:]))})
     return {"runs": runs, "claim_held": bool(runs) and all_better}
 
 
@@ -185,6 +207,10 @@ def report(summary: dict) -> str:
         for L, v in r["loss"].items():
             lines.append(f"  L={L:>5}  no PI {v['off']:.4f}  PI {v['on']:.4f}  "
                          f"gain {v['off'] - v['on']:+.4f}")
+        if r.get("strength"):
+            lines.append(f"  partial interpolation at L={r['strength'][0]['length']}, slopes / "
+                         "(L/L_train)^alpha: " + ", ".join(
+                             f"alpha {e['alpha']:g}: {e['loss']:.4f}" for e in r["strength"]))
     lines.append(f"PI lowers the loss at every length beyond training, for every model: "
                  f"{summary['claim_held']}")
     return "\n".join(lines)

@@ -80,6 +80,15 @@ def test_alibi_pi_smoke_evaluates_every_length_with_and_without_pi(tmp_path_fact
         if e["length"] == 16:  # at the training length PI changes nothing
             off = next(x for x in evals if x["length"] == 16 and not x["position_interpolation"])
             assert e["loss"] == pytest.approx(off["loss"], abs=1e-6)
+    # partial interpolation at 128 = 8 x 16: slopes / 8 ** alpha; its ends are plain ALiBi and PI
+    st = r["post"]["strength"]
+    assert [x["alpha"] for x in st] == [0.0, 0.125, 0.25, 0.5, 0.75, 1.0]
+    for x in st:
+        assert x["length"] == 128 and x["pi_scale"] == pytest.approx(8 ** x["alpha"])
+    at = {e["position_interpolation"]: e["loss"] for e in evals if e["length"] == 128}
+    assert st[0]["loss"] == pytest.approx(at[False], abs=1e-5)
+    assert st[-1]["loss"] == pytest.approx(at[True], abs=1e-5)
+    assert len({round(x["loss"], 6) for x in st}) > 1  # the scale reaches the model
 
 
 @pytest.mark.slow
