@@ -18,7 +18,9 @@ the regime is set by the timescale tau_iter = 1/(eta lambda) relative to the run
 paper's runs (tens of thousands of steps at lambda 0.1) have tau_iter / T well below 1; a 649-step
 CPU run at lambda 0.1 has tau_iter / T ~ 2.6 at the best peak LR, where the final weights are still
 ~80% the initialisation and the schedule barely matters (measured: experiments/results/d2z_wd0.1).
-lambda 1.0 puts tau_iter / T at ~0.26 (8 TPP) and ~1 (2 TPP), the paper's range; ``--wd`` sets it. ``--scale S`` widens the model (width 64 S, 2 S layers,
+lambda 1.0 puts tau_iter / T at 0.26 (8 TPP) and 0.51 (2 TPP) at the measured best peak LRs, the
+paper's range. ``--wd`` sets it: for ``--scale`` runs of tens of thousands of steps, pass the
+paper's ``--wd 0.1``. ``--scale S`` widens the model (width 64 S, 2 S layers,
 vocabulary 1024 min(S, 8), batch 16 S) and raises the dataset sizes to 2 S and 8 S tokens per
 parameter (at most 20 and 80, the paper's); ``--tpp`` and ``--lrs`` set them directly.
 """
