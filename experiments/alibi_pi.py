@@ -80,6 +80,10 @@ def plan(args) -> tuple[list[sweep.Task], dict]:
     out = Path(args.out)
     s = max(args.scale, 0.25)
     train_len = int(2 ** round(math.log2(128 * max(1.0, s))))
+    if getattr(args, "train_len", 0):
+        if args.train_len < 8:
+            raise common.ExperimentError(f"--train-len={args.train_len}: must be >= 8")
+        train_len = int(args.train_len)
     vocab = 2048 * int(min(4, max(1, round(s))))
     steps, batch = int(1000 * s), 16
     eval_batch, eval_batches = 8, 8
@@ -218,6 +222,9 @@ def report(summary: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n\n")[0], "alibi_pi")
+    p.add_argument("--train-len", type=int, default=0,
+                   help="training length (default 128 x scale, a power of two); evaluation at 1, 2, "
+                   "4 and 8 times it")
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
