@@ -107,3 +107,10 @@ def test_dedup_smoke_global_removes_more_than_local(tmp_path_factory):
     rem = summary["removal"]
     assert rem["global"]["all"]["documents"] > rem["local"]["all"]["documents"] > 0
     assert summary["global_removes_at_least_local_everywhere"] is True
+
+
+def test_alibi_pi_rejects_a_too_short_training_length(tmp_path, capsys):
+    from experiments import alibi_pi
+
+    assert alibi_pi.main(["--train-len", "4", "--out", str(tmp_path)]) == 2
+    assert "--train-len=4" in capsys.readouterr().err
