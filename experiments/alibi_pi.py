@@ -6,13 +6,16 @@ length with and without interpolation.
 Claim (Al-Khateeb et al., "Position Interpolation Improves ALiBi Extrapolation"): dividing the
 ALiBi slopes by L / L_train at an evaluation length L > L_train lowers the loss beyond the
 training length. Writes ``OUT/results.jsonl`` (one line per trained model, with the loss per
-length and setting and the per-position losses), ``OUT/summary.json`` and
-``OUT/figures/alibi_loss_vs_length.png``, ``OUT/figures/alibi_per_position.png``.
+length and setting, the per-position losses, and a partial-interpolation diagnostic at the
+longest length: slopes divided by (L / L_train) ** alpha for alpha from 0 to 1),
+``OUT/summary.json`` and ``OUT/figures/alibi_loss_vs_length.png``,
+``OUT/figures/alibi_per_position.png``.
 
 Default (scale 1, about 10 minutes on an idle 2-core CPU): two models (width 64 x 2 layers and
 width 128 x 4 layers, vocabulary 2048) trained at length 128 for 1000 steps of 16 sequences,
-evaluated at 128, 256, 512 and 1024 on the same 32k held-out tokens at every length. ``--scale S`` multiplies the widths, the
-layer counts, the steps and the training length (rounded to a power of two).
+evaluated at 128, 256, 512 and 1024 on the same 32k held-out tokens at every length. ``--scale S``
+multiplies the widths, the layer counts, the steps and the training length (rounded to a power of
+two); ``--train-len N`` sets the training length directly.
 """
 
 from __future__ import annotations
@@ -45,23 +48,23 @@ def evaluate_lengths(workdir, cfg, train_result, *, lengths, eval_tokens, max_ba
     run = load_run(workdir)
     keep = ("length", "position_interpolation", "pi_scale", "train_length", "loss", "perplexity",
             "tokens", "position_buckets", "position_loss")
+    evaluators = {}
     evals = []
     for length in (int(x) for x in lengths):
         n_seq = max(1, int(eval_tokens) // length)
         batch = min(n_seq, int(max_batch))
-        ev = Evaluator(run, batch_size=batch, num_batches=-(-n_seq // batch))
+        ev = evaluators[length] = Evaluator(run, batch_size=batch, num_batches=-(-n_seq // batch))
         for r in ev.results([length], [False, True], num_buckets=buckets):
             evals.append({k: r[k] for k in keep})
     # Diagnostic: partial interpolation at the longest length, slopes / (L / L_train) ** alpha
     # (alpha 0 = plain ALiBi, 1 = PI). Where the loss rises monotonically with alpha, any
-    # interpolation hurts and there is no degradation for PI to repair.
-    longest = max(int(x) for x in lengths)
+    # interpolation hurts and there is no degradation for PI to repair. Alpha 0 and 1 repeat the
+    # off/on evaluations above through the other code path, as a cross-check (two cheap evals).
+    longest = max(evaluators)
     lt = train_length(run.cfg)
     strength = []
     if longest > lt:
-        n_seq = max(1, int(eval_tokens) // longest)
-        batch = min(n_seq, int(max_batch))
-        ev = Evaluator(run, batch_size=batch, num_batches=-(-n_seq // batch))
+        ev = evaluators[longest]
         for alpha in alphas:
             scale = float((longest / lt) ** float(alpha))
             tot = ev.evaluate(longest, scale)

@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from btlm_jax.data.slimpajama import cfg_get
+
 TRAIN_SAMPLE_BYTES = 3_000_000  # text sampled from the training data to train a tokenizer on
 _TRAIN_VERSION = 1
 
@@ -204,10 +206,7 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, model_type: str =
     return out.getvalue()
 
 
-def _cfg_get(cfg, dotted, default):
-    from btlm_jax.data.slimpajama import cfg_get
-
-    return cfg_get(cfg, dotted, default)
+_cfg_get = cfg_get
 
 
 def load_or_train(cfg, train_glob: str | None = None) -> Tokenizer:
