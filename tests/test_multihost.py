@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,7 +104,9 @@ def test_killing_one_process_ends_the_other(cache_dir, tmp_path):
     wd = tmp_path / "kill"
     over = tiny_overrides(cache_dir, **{"train.steps": 100000, "eval.every_steps": 100000,
                                         "checkpoint.every_steps": 100000})
-    port = 20000 + os.getpid() % 20000
+    with socket.socket() as s:  # a port nobody holds now (a fixed pick could collide)
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
     procs = []
     for i in range(2):
         env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -128,7 +131,9 @@ def test_killing_one_process_ends_the_other(cache_dir, tmp_path):
         elapsed = time.time() - killed
         err = procs[0].stderr.read()
         assert rc != 0, err[-2000:]
-        assert "another task died" in err or "unhealthy" in err, err[-2000:]
+        # Either the coordination service notices the dead peer (heartbeat), or, when the kill
+        # lands inside a step, the CPU collective's transport (gloo) fails first; both abort.
+        assert any(m in err for m in ("another task died", "unhealthy", "gloo::")), err[-2000:]
         print(f"survivor exited {elapsed:.1f} s after the kill (rc {rc})")
     finally:
         for p in procs:
