@@ -39,6 +39,18 @@ def interpolation_scale(eval_len: int, train_len: int) -> float:
     return max(1.0, eval_len / train_len)
 
 
+def effective_slopes(model_cfg, key_len=None, alibi_scale=1.0):
+    """The per-head slopes [H] (float32) a forward pass uses: the model's slopes divided by
+    ``alibi_scale`` (position interpolation at evaluation) and the config's ``alibi_scaling``.
+
+    Every attention implementation takes its slopes from here, so the slope source (computed or
+    carried from a checkpoint) and the scaling semantics live in one place. ``key_len`` is the
+    number of key positions of this forward (static or traced), for length-dependent scaling.
+    """
+    slopes = jnp.asarray(alibi_slopes(model_cfg.n_heads), jnp.float32)
+    return slopes / (alibi_scale * model_cfg.alibi_scaling)
+
+
 def alibi_bias(n_heads: int, q_positions, k_positions, scale=1.0):
     """ALiBi bias [B, H, Tq, Tk] from per-token positions [B, Tq] and [B, Tk].
 
