@@ -47,7 +47,7 @@ def describe(cfg) -> dict:
     opt = jax.eval_shape(tx.init, params)
     opt_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
                     for x in jax.tree_util.tree_leaves(opt) if hasattr(x, "dtype"))
-    from btlm_jax.quant import DEFAULT_GROUP_SIZE, bytes_by_format
+    from btlm_jax.models.quant import DEFAULT_GROUP_SIZE, bytes_by_format
 
     weight_bytes = bytes_by_format(params, DEFAULT_GROUP_SIZE)
     seq_len = max(p[0] for p in phases)

@@ -57,7 +57,7 @@ def main(argv):
     from btlm_jax.eval.plot import plot_filename, plot_loss_vs_position
     from btlm_jax.eval.session import RunError, load_run
     from btlm_jax.parallel.distributed import maybe_initialize
-    from btlm_jax.quant import QuantizationError
+    from btlm_jax.models.quant import QuantizationError
     from btlm_jax.train.checkpoint import CheckpointMismatchError
 
     logging.set_verbosity(logging.WARNING)

@@ -36,7 +36,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import jax
 
-    from btlm_jax import quant
+    from btlm_jax.models import quant
     from btlm_jax.config import ConfigError
     from btlm_jax.eval.perplexity import pi_scale, train_length
     from btlm_jax.eval.sampling import Generator, SamplingConfig

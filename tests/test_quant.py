@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from btlm_jax import quant
+from btlm_jax.models import quant
 from btlm_jax.config import default_config
 from btlm_jax.models.btlm import BTLM
 

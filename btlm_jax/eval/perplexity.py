@@ -64,13 +64,13 @@ class Evaluator:
 
     ``run`` is a :class:`btlm_jax.eval.session.Run`; ``data_cfg`` the config whose ``data.eval``
     is read (the run's own, or one with ``--data`` applied); ``quantize`` one of
-    :data:`btlm_jax.quant.FORMATS`.
+    :data:`btlm_jax.models.quant.FORMATS`.
     """
 
     def __init__(self, run, data_cfg=None, *, quantize: str = "none",
                  group_size: int = 128, batch_size: int | None = None,
                  num_batches: int | None = None):
-        from btlm_jax import quant
+        from btlm_jax.models import quant
         from btlm_jax.data import pipeline
         from btlm_jax.train.step import eval_step
 

@@ -89,7 +89,7 @@ class Generator:
     """Compiled prefill and decode steps for one model and parameter tree.
 
     ``dequantize`` (optional) maps the stored parameters to the float tree inside the jitted
-    steps (weight-only quantisation, :mod:`btlm_jax.quant`).
+    steps (weight-only quantisation, :mod:`btlm_jax.models.quant`).
     """
 
     def __init__(self, model: BTLM, params, *, dequantize=None):
