@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from btlm_jax.models import quant
 from btlm_jax.punctuation import config as cfg_mod
 from btlm_jax.punctuation import data as data_mod
 from btlm_jax.punctuation import features as feats_mod
@@ -159,24 +160,17 @@ def classification_report(gold, pred, n_classes: int, min_support: int) -> dict:
 
 
 def quantize_int8(params):
-    """Symmetric per-output-channel int8 for every matrix/conv kernel; vectors stay float32.
+    """Symmetric per-output-channel int8 for every matrix/conv kernel, through the package's
+    weight-only quantiser (:func:`btlm_jax.models.quant.quantize`; the last axis is the output
+    channel, all others are contracted); vectors stay float32.
     Returns (dequantised params, size in bytes of the int8 form)."""
-    size = 0
 
-    def q(x):
-        nonlocal size
-        x = np.asarray(x, np.float32)
-        if x.ndim < 2:
-            size += x.size * 4
-            return jnp.asarray(x)
-        axes = tuple(range(x.ndim - 1))
-        scale = np.maximum(np.abs(x).max(axis=axes, keepdims=True), 1e-12) / 127.0
-        qx = np.clip(np.round(x / scale), -127, 127).astype(np.int8)
-        size += qx.size + scale.size * 4
-        return jnp.asarray(qx.astype(np.float32) * scale)
+    def one(x):
+        x = jnp.asarray(x, jnp.float32)
+        return x if x.ndim < 2 else quant.quantize(x, tuple(range(x.ndim - 1)), "int8")
 
-    deq = jax.tree.map(q, params)
-    return deq, size
+    qparams = jax.tree.map(one, params)
+    return quant.dequantize_params(qparams), quant.weight_bytes(qparams)
 
 
 def cpu_latency(model, params, records, cfg, n: int) -> dict:
