@@ -89,3 +89,82 @@ def resolve_mixture(spec: str, source_names: list[str],
     if total <= 0:
         raise DataError(f"data.mixture={spec!r}: all weights are zero")
     return {s: w / total for s, w in weights.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Step-keyed interleaving: which source each row of the global row sequence comes from.
+
+
+class Interleave:
+    """A deterministic, random-access interleave of sources in proportion to their weights.
+
+    The global row sequence (row ``h = step * batch + j``) is the merge of one arrival sequence
+    per source: arrival ``k`` of source ``s`` sits at time ``(k + 1/2) / w_s`` (ties go to the
+    lower source index). This is the Sainte-Lague divisor method applied row by row, so
+
+    * the number of rows of source ``s`` among the first ``h`` rows, :meth:`counts_before`, never
+      decreases as ``h`` grows and stays within two rows of ``w_s * h`` at every ``h`` (exact
+      per-step proportions, not only on average);
+    * any stretch of rows is computed directly, in O(S^2 log) integer operations per source,
+      without replaying earlier rows: resume and random access cost the same at step 10 and
+      step 10^6.
+
+    Weights are rounded to integers over 2^30 so the arithmetic is exact (Python integers): every
+    process computes the same rows. Sources with weight 0 never appear.
+    """
+
+    SCALE = 1 << 30
+
+    def __init__(self, weights):
+        w = [float(x) for x in weights]
+        if not w or min(w) < 0 or sum(w) <= 0:
+            raise DataError(f"mixture weights {w}: need at least one positive weight, none < 0")
+        total = sum(w)
+        self.W = [int(round(x / total * self.SCALE)) for x in w]
+        self.active = [s for s, x in enumerate(self.W) if x > 0]
+
+    def _rank(self, s: int, k: int) -> int:
+        """Position in the global sequence of arrival ``k`` of source ``s``."""
+        M = self.W[s]
+        r = k
+        for t in self.active:
+            if t == s:
+                continue
+            N = (2 * k + 1) * self.W[t]
+            # arrivals k' of t before (s, k): (2k'+1)/W_t < (2k+1)/W_s (<= when t < s: ties)
+            c = (N - M) // (2 * M) + 1 if t < s else (N - M - 1) // (2 * M) + 1
+            r += max(0, c)
+        return r
+
+    def count_before(self, s: int, h: int) -> int:
+        """How many of the first ``h`` rows come from source ``s``."""
+        if self.W[s] == 0 or h <= 0:
+            return 0
+        guess = h * self.W[s] // self.SCALE
+        lo, hi = max(0, guess - len(self.W) - 2), guess + len(self.W) + 2
+        if self._rank(s, lo) >= h:
+            lo = 0
+        if self._rank(s, hi) < h:
+            hi = h
+        # smallest k with rank(s, k) >= h, in (lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._rank(s, mid) >= h:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def counts_before(self, h: int) -> list[int]:
+        return [self.count_before(s, h) for s in range(len(self.W))]
+
+    def rows(self, h0: int, h1: int) -> list[tuple[int, int]]:
+        """``(source, k)`` for the global rows ``h0 .. h1 - 1`` in order: row ``h`` is arrival
+        ``k`` of ``source`` (its ``k``-th row overall)."""
+        from fractions import Fraction
+
+        a, b = self.counts_before(h0), self.counts_before(h1)
+        items = [(Fraction(2 * k + 1, self.W[s]), s, k)
+                 for s in self.active for k in range(a[s], b[s])]
+        items.sort()
+        return [(s, k) for _, s, k in items]

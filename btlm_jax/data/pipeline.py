@@ -43,6 +43,7 @@ import grain
 import numpy as np
 
 from btlm_jax.data import mixtures, sample, slimpajama
+from btlm_jax.data import store as store_lib
 from btlm_jax.data.slimpajama import DataError
 
 log = logging.getLogger(__name__)
@@ -398,27 +399,193 @@ def make_eval_batches(cfg, tokenizer, *, seq_len: int, batch_size: int,
                       num_batches: int) -> list[dict[str, np.ndarray]]:
     """Deterministic evaluation batches from ``data.eval`` (or the sample corpus' holdout).
 
-    Documents are read in file order (no shuffling), each source is packed separately, and rows
-    are taken round-robin across sources, so every source gets an equal number of rows (per-source
-    losses come from ``source_ids``). Returns [] when there is no evaluation data (``data.eval``
-    unset while ``data.train`` is set).
+    The rows are those of the eval corpus' packed store in order (documents in file order, each
+    source packed separately), taken round-robin across sources, so every source gets an equal
+    number of rows (per-source losses come from ``source_ids``); a source with fewer rows wraps
+    around. Every process computes the same (whole) batches. Returns [] when there is no
+    evaluation data (``data.eval`` unset while ``data.train`` is set).
     """
     spec = eval_spec(cfg)
     if spec is None:
         log.warning("data.eval is unset (and data.train is set): no evaluation batches")
         return []
-    corpus = load_corpus(cfg, spec, "data.eval")
+    st = open_store(cfg, tokenizer, spec, "data.eval", seq_len)
     names = source_names(cfg)
-    packing = _get(cfg, "data.packing", "concat")
-    iters = [iter(_source_rows(corpus, s, names.index(s), tokenizer, seq_len=seq_len,
-                               packing=packing, seed=0, process_index=0, process_count=1,
-                               shuffle=False))
-             for s in corpus.source_names]
-    rows = []
+    srcs = [st.rows(s, names.index(s)) for s in st.source_names]
     total = batch_size * num_batches
-    k = 0
-    while len(rows) < total:
-        rows.append(next(iters[k % len(iters)]))
-        k += 1
-    return [{f: np.stack([r[f] for r in rows[b * batch_size:(b + 1) * batch_size]])
-             for f in FIELDS} for b in range(num_batches)]
+    which = np.arange(total) % len(srcs)
+    out = {f: np.empty((total, seq_len), np.float32 if f == "loss_mask" else np.int32)
+           for f in FIELDS}
+    for i, rows in enumerate(srcs):
+        where = np.flatnonzero(which == i)
+        got = rows.take((where // len(srcs)) % len(rows))
+        for f in FIELDS:
+            out[f][where] = got[f]
+    return [{f: out[f][b * batch_size:(b + 1) * batch_size] for f in FIELDS}
+            for b in range(num_batches)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Step-keyed training data: the global batch of step i is a pure function of (seed, data config,
+# phases, i), whatever the number of processes; each process reads only its rows.
+
+
+def corpus_identity(cfg, spec: str) -> list:
+    """What the packed store of a corpus depends on: the files (path, size, mtime), the labels,
+    the source field and the error policy."""
+    return [spec, [list(x) for x in _stamp(spec)],
+            _get(cfg, "data.source_field", "meta.redpajama_set_name") or "",
+            _get(cfg, "data.on_error", "raise")]
+
+
+def open_store(cfg, tokenizer, spec: str, key: str, seq_len: int, log=None) -> store_lib.Store:
+    """The packed store of ``spec`` for this tokenizer, ``seq_len`` and ``data.packing``."""
+    corpus = load_corpus(cfg, spec, key)
+    return store_lib.open_or_build(
+        corpus, corpus_identity(cfg, spec), tokenizer, cache_dir(cfg), seq_len=seq_len,
+        packing=_get(cfg, "data.packing", "concat"),
+        num_workers=int(_get(cfg, "data.num_workers", 0) or 0), log=log)
+
+
+class StepData:
+    """The training batches, keyed by step.
+
+    ``StepData(cfg, tokenizer, process_index, process_count).local_batch(step)`` is this process's
+    rows ``[p * B / P, (p + 1) * B / P)`` of the global batch of ``step`` (``B`` and the sequence
+    length from the step's phase, ``train.phases``); :meth:`rows` gives any stretch of it. The
+    global batch is the same for every process count and every device mesh, so a checkpoint needs
+    no data state and resumes on any number of processes.
+
+    The global batch of step ``i`` (``j = i - start of its phase``): rows ``j * B .. (j + 1) * B``
+    of the phase's row sequence, in which the sources follow :class:`mixtures.Interleave` (row
+    ``h`` is row number ``k`` of source ``s``), and row ``k`` of source ``s`` is row
+    ``perm_e(k mod R_s)`` of the source's packed store (``R_s`` rows), ``e = k // R_s`` the
+    epoch and ``perm_e`` Grain's index shuffle with a seed of (``seed``, phase, source) + ``e``.
+
+    Every element is a dict of numpy arrays ``[rows, seq_len]``: ``inputs``, ``targets`` (int32),
+    ``loss_mask`` (float32, 0 on padding), ``segment_ids``, ``positions`` (int32) and
+    ``source_ids`` (int32 index into :func:`source_names`; -1 on padding).
+
+    Attributes: ``source_names``, ``weights`` (resolved mixture), ``skipped_records`` (bad input
+    records skipped with ``data.on_error=skip``), ``phases``.
+    """
+
+    def __init__(self, cfg, tokenizer, process_index: int = 0, process_count: int = 1, *,
+                 log=None):
+        from btlm_jax.config import parse_phases
+
+        if not 0 <= process_index < process_count:
+            raise DataError(f"process_index={process_index} not in [0, {process_count})")
+        self.cfg, self.tokenizer, self._log = cfg, tokenizer, log
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.phases = parse_phases(cfg)
+        for i, (_, b, _) in enumerate(self.phases):
+            if b % self.process_count:
+                what = "train.batch_size" if len(self.phases) == 1 else f"train.phases[{i}]"
+                raise DataError(f"{what}: global batch {b} is not divisible by the "
+                                f"{self.process_count} processes; use a multiple of it")
+        self.seed = int(_get(cfg, "seed", 0))
+        self.spec = train_spec(cfg)
+        corpus = load_corpus(cfg, self.spec, "data.train")
+        self.source_names = source_names(cfg)
+        self.weights = mixture_weights(cfg)
+        self.active = [s for s in corpus.source_names if self.weights[s] > 0]
+        self.interleave = mixtures.Interleave([self.weights[s] for s in self.active])
+        self.skipped_records = corpus.skipped
+        self._by_phase: dict[int, list] = {}
+        self._prefetch = int(_get(cfg, "data.prefetch", 2) or 0) > 0
+        self._pool = None
+        self._pending: dict[int, Any] = {}
+
+    # -- steps and phases ------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return sum(p[2] for p in self.phases)
+
+    def phase_start(self, phase: int) -> int:
+        return sum(p[2] for p in self.phases[:phase])
+
+    def phase_of(self, step: int) -> int:
+        """The phase of the step that follows ``step`` completed steps (the last phase after the
+        end)."""
+        end = 0
+        for i, (_, _, n) in enumerate(self.phases):
+            end += n
+            if step < end:
+                return i
+        return len(self.phases) - 1
+
+    def batch_shape(self, step: int) -> tuple[int, int]:
+        """(global batch, seq_len) of ``step``."""
+        seq_len, b, _ = self.phases[self.phase_of(step)]
+        return b, seq_len
+
+    def local_range(self, step: int) -> tuple[int, int]:
+        b, _ = self.batch_shape(step)
+        n = b // self.process_count
+        return self.process_index * n, (self.process_index + 1) * n
+
+    # -- rows --------------------------------------------------------------------------------------
+    def _sources(self, phase: int):
+        """Per active source: (Rows of the phase's store, shuffled row order)."""
+        if phase not in self._by_phase:
+            seq_len = self.phases[phase][0]
+            st = open_store(self.cfg, self.tokenizer, self.spec, "data.train", seq_len,
+                            log=self._log)
+            out = []
+            for s in self.active:
+                rows = st.rows(s, self.source_names.index(s))
+                order = grain.MapDataset.range(len(rows)).shuffle(
+                    seed=_seed_for(self.seed, "train", phase, s))
+                out.append((rows, order))
+            self._by_phase[phase] = out
+        return self._by_phase[phase]
+
+    def rows(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows ``lo .. hi - 1`` of the global batch of ``step``."""
+        phase = self.phase_of(step)
+        seq_len, b, _ = self.phases[phase]
+        if not 0 <= lo <= hi <= b:
+            raise IndexError(f"rows [{lo}, {hi}) of a global batch of {b}")
+        h0 = (step - self.phase_start(phase)) * b
+        assign = self.interleave.rows(h0 + lo, h0 + hi)
+        out = {f: np.empty((hi - lo, seq_len), np.float32 if f == "loss_mask" else np.int32)
+               for f in FIELDS}
+        src = np.asarray([s for s, _ in assign], np.int64)
+        for i, (rows, order) in enumerate(self._sources(phase)):
+            where = np.flatnonzero(src == i)
+            if len(where) == 0:
+                continue
+            idx = np.asarray([order[assign[w][1]] for w in where], np.int64)
+            got = rows.take(idx)
+            for f in FIELDS:
+                out[f][where] = got[f]
+        return out
+
+    def global_batch(self, step: int) -> dict[str, np.ndarray]:
+        return self.rows(step, 0, self.batch_shape(step)[0])
+
+    def _local(self, step: int) -> dict[str, np.ndarray]:
+        return self.rows(step, *self.local_range(step))
+
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch of ``step``; the next step's rows are read in
+        a background thread meanwhile (``data.prefetch`` > 0)."""
+        if not self._prefetch:
+            return self._local(step)
+        fut = self._pending.pop(step, None)
+        self._pending.clear()
+        out = fut.result() if fut is not None else self._local(step)
+        if self._pool is None:
+            import concurrent.futures
+
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "btlm-data")
+        self._sources(self.phase_of(step + 1))  # open (or build) the store in this thread
+        self._pending[step + 1] = self._pool.submit(self._local, step + 1)
+        return out
+
+    def close(self):
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

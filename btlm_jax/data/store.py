@@ -1,0 +1,337 @@
+"""A pre-tokenized, packed store of a corpus, read by random access.
+
+One store per (corpus files, source field, tokenizer, ``seq_len``, packing) lives in
+``<cache_dir>/store/<key>/``. It is built once (the first run that needs it tokenizes every
+document of every source, in corpus order, and packs the tokens into rows of ``seq_len``) and then
+memory-mapped by every later run and every process, so a training batch is a handful of array
+slices and the pipeline has no state to checkpoint.
+
+Layout, per source ``i`` (in the corpus' sorted source order)::
+
+    meta.json                           sources, rows, tokens, documents, dtypes (written last)
+    concat:    src{i}.tokens.bin        the source's token stream: each document's ids + EOS
+    document:  src{i}.inputs.bin        [rows, seq_len] inputs
+               src{i}.targets.bin       [rows, seq_len] targets
+               src{i}.segments.bin      [rows, seq_len] segment ids (0 = padding)
+
+Packing (``data.packing``):
+
+* ``concat`` (BTLM): row ``r`` is ``inputs = stream[rL:(r+1)L]``, ``targets =
+  stream[rL+1:(r+1)L+1]``; every token of the stream except the tail after the last full row is a
+  target exactly once. ``segment_ids`` are all 1, ``positions`` 0..L-1.
+* ``document``: documents are placed whole into rows (one longer than an empty row is split across
+  rows); a document contributes ``inputs = [EOS] + ids``, ``targets = ids + [EOS]``;
+  ``segment_ids`` number the documents of a row 1, 2, ... (0 = padding) and ``positions`` restart
+  at 0 in every segment. The last row of a source is padded.
+
+The build writes into a temporary sibling directory and renames it into place under a file lock,
+so concurrent processes (several local processes sharing one cache) build it once and an
+interrupted build is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from btlm_jax.data.slimpajama import Corpus, DataError
+
+STORE_VERSION = 1
+DOCS_PER_CHUNK = 256
+FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256(tokenizer.kind.encode())
+    for name in sorted(tokenizer.files):
+        h.update(name.encode() + b"\0" + bytes(tokenizer.files[name]) + b"\0")
+    return h.hexdigest()[:20]
+
+
+def store_key(corpus_identity, tokenizer, seq_len: int, packing: str) -> str:
+    ident = json.dumps([STORE_VERSION, corpus_identity, tokenizer_fingerprint(tokenizer),
+                        int(seq_len), packing], sort_keys=True, default=str)
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+
+
+def _positions(seg: np.ndarray) -> np.ndarray:
+    """Position within each run of equal segment ids (restarting at 0 in every run)."""
+    L = seg.shape[-1]
+    idx = np.broadcast_to(np.arange(L), seg.shape)
+    start = np.ones(seg.shape, bool)
+    start[..., 1:] = seg[..., 1:] != seg[..., :-1]
+    first = np.maximum.accumulate(np.where(start, idx, 0), axis=-1)
+    return (idx - first).astype(np.int32)
+
+
+class Rows:
+    """The packed rows of one source: ``len(rows)``, ``rows[r]`` -> dict of [seq_len] arrays.
+
+    A Grain random-access data source (picklable; the memory maps open lazily)."""
+
+    def __init__(self, path: str, meta: dict, index: int, source_id: int):
+        self.path, self.index, self.source_id = path, index, int(source_id)
+        self.packing, self.L = meta["packing"], int(meta["seq_len"])
+        s = meta["sources"][index]
+        self.name, self.num_rows, self.num_tokens = s["name"], int(s["rows"]), int(s["tokens"])
+        self.dtype, self.seg_dtype = np.dtype(meta["token_dtype"]), np.dtype(meta["segment_dtype"])
+        self._mm: dict | None = None
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_mm"] = None
+        return d
+
+    def _maps(self) -> dict:
+        if self._mm is None:
+            base = os.path.join(self.path, f"src{self.index}")
+            if self.packing == "concat":
+                self._mm = {"tokens": np.memmap(base + ".tokens.bin", self.dtype, "r",
+                                                shape=(self.num_tokens,))}
+            else:
+                shape = (self.num_rows, self.L)
+                self._mm = {"inputs": np.memmap(base + ".inputs.bin", self.dtype, "r", shape=shape),
+                            "targets": np.memmap(base + ".targets.bin", self.dtype, "r", shape=shape),
+                            "segments": np.memmap(base + ".segments.bin", self.seg_dtype, "r",
+                                                  shape=shape)}
+        return self._mm
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.take(np.asarray([r])).items()}
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows ``rows`` (int array) stacked: dict of [len(rows), seq_len] arrays."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"rows {rows} out of range for {self.num_rows} rows of {self.name}")
+        L, n, mm = self.L, len(rows), self._maps()
+        if self.packing == "concat":
+            idx = rows[:, None] * L + np.arange(L + 1)
+            t = np.asarray(mm["tokens"][idx], np.int32)
+            return {"inputs": t[:, :L], "targets": t[:, 1:],
+                    "loss_mask": np.ones((n, L), np.float32),
+                    "segment_ids": np.ones((n, L), np.int32),
+                    "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (n, L)).copy(),
+                    "source_ids": np.full((n, L), self.source_id, np.int32)}
+        seg = np.asarray(mm["segments"][rows], np.int32)
+        mask = seg > 0
+        return {"inputs": np.asarray(mm["inputs"][rows], np.int32),
+                "targets": np.asarray(mm["targets"][rows], np.int32),
+                "loss_mask": mask.astype(np.float32), "segment_ids": seg,
+                "positions": np.where(mask, _positions(seg), 0).astype(np.int32),
+                "source_ids": np.where(mask, self.source_id, -1).astype(np.int32)}
+
+
+class Store:
+    """An opened store: ``meta``, ``source_names`` and :meth:`rows` per source."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.meta = json.loads((Path(path) / "meta.json").read_text())
+        self.source_names = [s["name"] for s in self.meta["sources"]]
+        self.seq_len, self.packing = int(self.meta["seq_len"]), self.meta["packing"]
+
+    def rows(self, source: str, source_id: int) -> Rows:
+        return Rows(self.path, self.meta, self.source_names.index(source), source_id)
+
+    def tokens(self, source: str) -> int:
+        return int(self.meta["sources"][self.source_names.index(source)]["tokens"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Building.
+
+
+class _Writer:
+    """Appends arrays of one dtype to a raw file."""
+
+    def __init__(self, path: str, dtype):
+        self.f, self.dtype, self.count = open(path, "wb"), np.dtype(dtype), 0
+
+    def write(self, a: np.ndarray):
+        a = np.ascontiguousarray(a, self.dtype)
+        self.f.write(a.tobytes())
+        self.count += a.size
+
+    def close(self):
+        self.f.close()
+
+
+class _DocumentPacker:
+    """Greedy document packing into rows of L (whole documents where they fit)."""
+
+    def __init__(self, L: int, eos: int, out: dict[str, _Writer]):
+        self.L, self.eos, self.out = L, eos, out
+        self.rows = 0
+        self._new()
+
+    def _new(self):
+        L = self.L
+        self.inp, self.tgt = np.zeros(L, np.int64), np.zeros(L, np.int64)
+        self.seg, self.n, self.s = np.zeros(L, np.int64), 0, 0
+
+    def flush(self):
+        if self.n == 0:
+            return
+        self.out["inputs"].write(self.inp)
+        self.out["targets"].write(self.tgt)
+        self.out["segments"].write(self.seg)
+        self.rows += 1
+        self._new()
+
+    def add(self, doc: np.ndarray):
+        """``doc`` = ids + [EOS]; pairs j: input ([EOS] + ids)[j], target doc[j]."""
+        L, m = self.L, len(doc)
+        inputs = np.concatenate([[self.eos], doc[:-1]])
+        off = 0
+        while off < m:
+            remaining, free = m - off, L - self.n
+            if remaining > free and self.n > 0 and remaining <= L:
+                self.flush()  # the rest fits in a fresh row: start it there
+                continue
+            k = min(remaining, free)
+            n = self.n
+            self.tgt[n:n + k] = doc[off:off + k]
+            self.inp[n:n + k] = inputs[off:off + k]
+            self.s += 1
+            self.seg[n:n + k] = self.s
+            self.n += k
+            off += k
+            if self.n == L:
+                self.flush()
+
+
+def _tokenize_chunk(args):
+    corpus, tokenizer, doc_ids = args
+    texts = [corpus.text(int(i)) for i in doc_ids]
+    return [np.asarray(ids, np.int64) for ids in tokenizer.encode_batch(texts)]
+
+
+def _chunks(corpus: Corpus, tokenizer, docs: np.ndarray, workers: int):
+    jobs = [(corpus, tokenizer, docs[i:i + DOCS_PER_CHUNK])
+            for i in range(0, len(docs), DOCS_PER_CHUNK)]
+    if workers <= 0 or len(jobs) <= 1:
+        for j in jobs:
+            yield _tokenize_chunk(j)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        yield from ex.map(_tokenize_chunk, jobs)
+
+
+def build(corpus: Corpus, tokenizer, path: str | os.PathLike, *, seq_len: int, packing: str,
+          num_workers: int = 0, log: Callable[[str], None] | None = None) -> dict:
+    """Tokenizes and packs ``corpus`` into a new store at ``path`` (must not exist).
+
+    Returns the build statistics (documents, tokens, seconds)."""
+    if packing not in ("concat", "document"):
+        raise DataError(f"data.packing={packing!r}: must be concat or document")
+    if seq_len < 1:
+        raise DataError(f"seq_len={seq_len}: must be >= 1")
+    path = Path(path)
+    tdt = token_dtype(tokenizer.vocab_size)
+    sdt = np.dtype(np.uint16) if seq_len < 1 << 16 else np.dtype(np.int32)
+    t0 = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    sources, total_docs, total_tokens = [], 0, 0
+    try:
+        for i, name in enumerate(corpus.source_names):
+            docs = corpus.docs_of_source(name)
+            base = str(tmp / f"src{i}")
+            ntok = ndoc = 0
+            if packing == "concat":
+                w = {"tokens": _Writer(base + ".tokens.bin", tdt)}
+            else:
+                w = {"inputs": _Writer(base + ".inputs.bin", tdt),
+                     "targets": _Writer(base + ".targets.bin", tdt),
+                     "segments": _Writer(base + ".segments.bin", sdt)}
+                packer = _DocumentPacker(seq_len, tokenizer.eos_id, w)
+            for chunk in _chunks(corpus, tokenizer, docs, num_workers):
+                for ids in chunk:
+                    doc = np.append(ids, tokenizer.eos_id)
+                    ntok += len(doc)
+                    ndoc += 1
+                    if packing == "concat":
+                        w["tokens"].write(doc)
+                    else:
+                        packer.add(doc)
+            if packing == "concat":
+                rows = max(0, (ntok - 1) // seq_len)
+            else:
+                packer.flush()
+                rows = packer.rows
+            for x in w.values():
+                x.close()
+            if rows == 0:
+                raise DataError(
+                    f"source {name!r} of {corpus.spec!r} has {ntok} tokens, fewer than one row "
+                    f"of seq_len+1={seq_len + 1}; add data or drop the source (data.mixture)")
+            sources.append({"name": name, "documents": ndoc, "tokens": ntok, "rows": rows})
+            total_docs += ndoc
+            total_tokens += ntok
+        seconds = time.perf_counter() - t0
+        meta = {"version": STORE_VERSION, "seq_len": int(seq_len), "packing": packing,
+                "token_dtype": tdt.name, "segment_dtype": sdt.name, "eos_id": tokenizer.eos_id,
+                "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer_fingerprint(tokenizer),
+                "corpus": corpus.spec, "sources": sources, "documents": total_docs,
+                "tokens": total_tokens, "build_seconds": seconds}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if log is not None:
+        log(f"built the packed store {path} ({total_docs:,} documents, {total_tokens:,} tokens, "
+            f"{seconds:.1f} s, {total_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+    return {"documents": total_docs, "tokens": total_tokens, "seconds": seconds}
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path):
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_or_build(corpus: Corpus, corpus_identity, tokenizer, cache_dir: str | os.PathLike, *,
+                  seq_len: int, packing: str, num_workers: int = 0,
+                  log: Callable[[str], None] | None = None) -> Store:
+    """The store for (corpus, tokenizer, seq_len, packing) from ``cache_dir``, built if missing."""
+    key = store_key(corpus_identity, tokenizer, seq_len, packing)
+    path = Path(cache_dir) / "store" / key
+    if not (path / "meta.json").exists():
+        with _locked(path.with_name(key + ".lock")):
+            if not (path / "meta.json").exists():  # another process may have built it meanwhile
+                if path.exists():
+                    shutil.rmtree(path)
+                build(corpus, tokenizer, path, seq_len=seq_len, packing=packing,
+                      num_workers=num_workers, log=log)
+    return Store(path)
