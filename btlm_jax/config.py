@@ -31,6 +31,12 @@ def default_model() -> ml_collections.ConfigDict:
     m.position = "alibi"  # alibi | learned
     m.max_seq_len = 2048  # learned positions: table size; alibi: informational
     m.alibi_scaling = 1.0  # fixed ALiBi slope divisor (HF btlm `alibi_scaling` factor)
+    # HF btlm `alibi_scaling: {"type": "linear", "train_seq_len": L}` (dynamic): every forward
+    # with more than L keys divides the slopes by keys / L (0 = off; see models/alibi.py)
+    m.alibi_scaling_train_seq_len = 0
+    # ALiBi slopes carried from a checkpoint (one float per head, e.g. the bf16-rounded
+    # slopes of cerebras/btlm-3b-8k-base); empty = the standard slopes computed from n_heads
+    m.alibi_slopes = ()
     m.train_seq_len = 0  # length the model was trained at (0: train.seq_len); used by PI
     m.layer_norm_eps = 1e-5
     m.use_bias = True  # biases on QKV / attention output / FFN (BTLM, GPT-2)
@@ -189,6 +195,21 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if m.alibi_scaling <= 0:
         raise ConfigError(f"model.alibi_scaling={m.alibi_scaling}: must be > 0")
+    dyn = m.alibi_scaling_train_seq_len
+    if not isinstance(dyn, int) or isinstance(dyn, bool) or dyn < 0:
+        raise ConfigError(f"model.alibi_scaling_train_seq_len={dyn!r}: must be an integer >= 0 "
+                          "(0 = no dynamic ALiBi scaling)")
+    if dyn and m.alibi_scaling != 1.0:
+        raise ConfigError(
+            f"model.alibi_scaling={m.alibi_scaling} and model.alibi_scaling_train_seq_len={dyn}: "
+            "a fixed and a dynamic ALiBi scaling exclude each other; set one of them")
+    if m.alibi_slopes:
+        sl = tuple(m.alibi_slopes)
+        if len(sl) != m.n_heads or not all(
+                isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in sl):
+            raise ConfigError(
+                f"model.alibi_slopes has {len(sl)} values: give {m.n_heads} positive floats "
+                "(one per head, model.n_heads) or () for the standard slopes")
     if m.mup.enabled and (m.mup.base_d_model <= 0 or m.mup.base_d_ff <= 0):
         raise ConfigError("model.mup.base_d_model and model.mup.base_d_ff must be > 0")
     o = cfg.optim

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> btlm_jax parameters (safetensors only; never unpickles).
+"""Hugging Face checkpoints <-> btlm_jax parameters (safetensors, or ``.bin`` read without unpickling).
 
 Two layouts, both GPT-2 style (``transformers.pytorch_utils.Conv1D`` weights stored
 ``[in_features, out_features]``; fused ``c_attn`` = [query | key | value] along the output axis):
@@ -12,11 +12,16 @@ an earlier revision used ``width_scale``, ``embeddings_scale``, ``output_logits_
 alpha x width_scale and ``scale_qk_dot_by_d``) and its ``modeling_btlm.py`` (GPT-2's module tree
 ``transformer.{wte, h.N.{ln_1, attn.{c_attn, c_proj}, ln_2, mlp.{c_fc, c_fc2, c_proj}}, ln_f}`` +
 ``lm_head``; SwiGLU computes ``c_fc(x) * silu(c_fc2(x))``; ALiBi slopes are the buffer-like
-parameter ``transformer.relative_pe.slopes`` [n_head, 1]; attention logits divided by
+parameter ``transformer.relative_pe.slopes`` [n_head, 1] (bf16 in the published checkpoint, so
+rounded by up to 0.4%: we check them against the standard slopes at the stored dtype's precision
+and carry the stored values as ``model.alibi_slopes``, so logits match); attention logits divided by
 ``d_head ** 1`` when ``mup_scale_qk_dot_by_d`` else ``** 0.5``; embeddings x
 ``mup_embeddings_scale``; logits x ``mup_output_alpha * mup_width_scale``; ``alibi_scaling`` is
-``{"type": "linear", "factor": f}`` (fixed) or ``{"type": "linear", "train_seq_len": L}``
-(dynamic, as in the model card's "Position Interpolation" section)). The same tensor names appear
+``{"type": "linear", "factor": f}`` (fixed: ``model.alibi_scaling``) or ``{"type": "linear",
+"train_seq_len": L}`` (dynamic: slopes / (keys / L) in every forward with more than L keys,
+``model.alibi_scaling_train_seq_len``; see :func:`btlm_jax.models.alibi.scaling_divisor`)).
+The published main branch ships one bf16 ``pytorch_model.bin``; it is read with
+``torch.load(weights_only=True)`` (tensors only, never an arbitrary unpickle). The same tensor names appear
 in the Cerebras Model Zoo converter (``checkpoint_converters/btlm_hf_cs.py``: ``mlp.c_fc2``,
 ``relative_pe.slopes``) and the text-generation-inference port of BTLM.
 
@@ -44,7 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from btlm_jax.models.alibi import alibi_slopes
+from btlm_jax.models.alibi import alibi_slopes, model_slopes
 
 LAYOUTS = ("btlm", "gpt2")
 _GELU_NAMES = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -68,7 +73,7 @@ def _close(a: float, b: float) -> bool:
 def default_layout(m) -> str:
     """``gpt2`` for a standard-parametrisation GELU model with learned positions, else ``btlm``."""
     if (m.position == "learned" and m.activation in ("gelu", "gelu_tanh") and not m.mup.enabled
-            and float(m.alibi_scaling) == 1.0):
+            and float(m.alibi_scaling) == 1.0 and not int(m.get("alibi_scaling_train_seq_len", 0))):
         return "gpt2"
     return "btlm"
 
@@ -114,10 +119,13 @@ def hf_config(m, layout: str | None = None, *, eos_token_id: int | None = None) 
     else:
         cfg.update(mup_width_scale=1.0, mup_embeddings_scale=1.0, mup_output_alpha=1.0,
                    mup_scale_qk_dot_by_d=False)
+    # only what the run asks for: model.train_seq_len (the PI reference length of `evaluate`)
+    # is not dynamic scaling and is not written
+    dyn = int(m.get("alibi_scaling_train_seq_len", 0) or 0)
     if float(m.alibi_scaling) != 1.0:
         cfg["alibi_scaling"] = {"type": "linear", "factor": float(m.alibi_scaling)}
-    elif m.position == "alibi" and int(m.train_seq_len) > 0:
-        cfg["alibi_scaling"] = {"type": "linear", "train_seq_len": int(m.train_seq_len)}
+    elif m.position == "alibi" and dyn > 0:
+        cfg["alibi_scaling"] = {"type": "linear", "train_seq_len": dyn}
     else:
         cfg["alibi_scaling"] = None
     return cfg
@@ -158,7 +166,8 @@ def model_overrides(hf: dict) -> tuple[str, dict]:
         "layer_norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
         "use_bias": True, "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
         "init_std": float(hf.get("initializer_range", 0.02)),
-        "alibi_scaling": 1.0, "train_seq_len": 0,
+        "alibi_scaling": 1.0, "alibi_scaling_train_seq_len": 0, "alibi_slopes": (),
+        "train_seq_len": 0,
     }
     if mt == "gpt2":
         ov.update({"position": "learned", "mup.enabled": False})
@@ -198,10 +207,20 @@ def model_overrides(hf: dict) -> tuple[str, dict]:
         if not isinstance(sc, dict) or sc.get("type") != "linear":
             raise ConversionError(f"config.json alibi_scaling={sc!r}: expected "
                                   "{'type': 'linear', 'factor': f} or {'type': 'linear', 'train_seq_len': L}")
+        # the reference applies a factor when one is given, else the dynamic train length
         if sc.get("factor") is not None:
             ov["alibi_scaling"] = float(sc["factor"])
-        if sc.get("train_seq_len") is not None:
-            ov["train_seq_len"] = int(sc["train_seq_len"])
+            if not ov["alibi_scaling"] > 0:
+                raise ConversionError(f"config.json alibi_scaling.factor={sc['factor']!r}: must be > 0")
+        elif sc.get("train_seq_len") is not None:
+            n = int(sc["train_seq_len"])
+            if n <= 0:
+                raise ConversionError(
+                    f"config.json alibi_scaling.train_seq_len={sc['train_seq_len']!r}: must be > 0")
+            ov["alibi_scaling_train_seq_len"] = n
+            ov["train_seq_len"] = n  # also the reference length of evaluate's PI
+        else:
+            raise ConversionError(f"config.json alibi_scaling={sc!r}: give 'factor' or 'train_seq_len'")
     return "btlm", ov
 
 
@@ -239,8 +258,8 @@ def to_hf(params, m, layout: str | None = None) -> dict[str, Any]:
     out = {"transformer.wte.weight": params["embed"]["embedding"]}
     if m.position == "learned":
         out["transformer.wpe.weight"] = params["pos_embed"]["embedding"]
-    elif layout == "btlm":
-        out["transformer.relative_pe.slopes"] = xp.asarray(alibi_slopes(h), xp.float32)[:, None]
+    elif layout == "btlm":  # the run's own slopes (carried from a checkpoint or standard)
+        out["transformer.relative_pe.slopes"] = xp.asarray(model_slopes(m), xp.float32)[:, None]
     for i, lp in enumerate(_layers(params, m)):
         p = f"transformer.h.{i}."
         for ln in ("ln_1", "ln_2"):
@@ -330,12 +349,7 @@ def from_hf(tensors: dict, m, layout: str, dtype=None) -> dict:
             f"n_head={m.n_heads}, n_inner={m.d_ff}, vocab_size={m.vocab_size}, "
             f"n_positions={m.max_seq_len}, layout {layout}): " + " | ".join(lines)
             + ". Check that config.json belongs to these weights.")
-    if "transformer.relative_pe.slopes" in tensors:
-        got = np.asarray(tensors["transformer.relative_pe.slopes"], np.float64).reshape(-1)
-        if not np.allclose(got, alibi_slopes(m.n_heads), rtol=1e-3, atol=0):
-            raise ConversionError(
-                "transformer.relative_pe.slopes are not the standard ALiBi slopes for "
-                f"n_head={m.n_heads}; btlm_jax computes slopes from the head count")
+    checked_slopes(tensors, m.n_heads)
     from btlm_jax.models.btlm import DTYPES
 
     pdt = np.dtype(dtype or DTYPES[m.param_dtype])
@@ -376,49 +390,123 @@ def from_hf(tensors: dict, m, layout: str, dtype=None) -> dict:
     return jax.tree_util.tree_map(jnp.asarray, params)
 
 
-# ------------------------------------------------------------------------------ files
-def read_tensors(hf_dir: str | Path) -> dict[str, Any]:
-    """All tensors of a Hugging Face checkpoint directory (safetensors, single or sharded).
+def checked_slopes(tensors: dict, n_heads: int) -> tuple[float, ...]:
+    """The stored ALiBi slopes to carry (``model.alibi_slopes``), after checking them.
 
-    ``pytorch_model.bin`` is read only with ``torch.load(weights_only=True)`` (no arbitrary
-    unpickling), and only when no safetensors file exists.
+    ``transformer.relative_pe.slopes`` must be the standard slopes for ``n_heads`` to within one
+    unit in the last place of the dtype they are stored in (the published checkpoint stores bf16,
+    which moves them by up to 0.4%). Returns their exact values as floats, or ``()`` when absent
+    or equal to the standard slopes in float32 (nothing to carry).
     """
-    from safetensors import safe_open
+    if "transformer.relative_pe.slopes" not in tensors:
+        return ()
+    raw = np.asarray(tensors["transformer.relative_pe.slopes"])
+    got = raw.astype(np.float64).reshape(-1)
+    std = alibi_slopes(n_heads)
+    try:
+        eps = float(np.finfo(raw.dtype).eps)
+    except ValueError:
+        raise ConversionError(f"transformer.relative_pe.slopes has dtype {raw.dtype}: expected a "
+                              "floating-point tensor") from None
+    if got.shape != std.shape or not np.all(np.abs(got - std) <= eps * std):
+        worst = "" if got.shape != std.shape else \
+            f" (largest relative difference {np.max(np.abs(got - std) / std):.3g})"
+        raise ConversionError(
+            "transformer.relative_pe.slopes are not the standard ALiBi slopes for "
+            f"n_head={n_heads} at {raw.dtype} precision (relative tolerance {eps:.3g}){worst}: "
+            "the checkpoint's head count or slope order does not match config.json")
+    if np.array_equal(got.astype(np.float32), std.astype(np.float32)):
+        return ()
+    return tuple(float(x) for x in got)
 
+
+# ------------------------------------------------------------------------------ files
+def weight_files(hf_dir: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory, safetensors preferred: the shards an index
+    (``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``) names, else
+    ``model.safetensors`` / ``*.safetensors``, else ``pytorch_model*.bin``."""
     hf_dir = Path(hf_dir)
-    index = hf_dir / "model.safetensors.index.json"
-    files: list[Path]
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [hf_dir / s for s in shards]
-    elif (hf_dir / "model.safetensors").exists():
-        files = [hf_dir / "model.safetensors"]
-    else:
-        files = sorted(hf_dir.glob("*.safetensors"))
-    if files:
-        out = {}
-        for f in files:
-            if not f.exists():
-                raise ConversionError(f"{f} is listed in the index but does not exist")
+    if not hf_dir.is_dir():
+        raise ConversionError(f"{hf_dir} is not a directory: give a Hugging Face checkpoint folder "
+                              "(config.json + weights)")
+    for index_name, single, pattern in (
+            ("model.safetensors.index.json", "model.safetensors", "*.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin")):
+        index = hf_dir / index_name
+        if index.exists():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as e:
+                raise ConversionError(f"{index}: not a weight index with a weight_map ({e})") from None
+            files = [hf_dir / f for f in shards]
+            for f in files:
+                if not f.exists():
+                    raise ConversionError(f"{f} is listed in {index.name} but does not exist: "
+                                          "download every shard")
+            return files
+        if (hf_dir / single).exists():
+            return [hf_dir / single]
+        files = sorted(hf_dir.glob(pattern))
+        if files:
+            return files
+    raise ConversionError(
+        f"{hf_dir} holds no weights (model.safetensors, *.safetensors, pytorch_model.bin or a "
+        "*.index.json with its shards)")
+
+
+def _torch_to_numpy(v):
+    """A CPU torch tensor as a NumPy array of the same dtype (bf16 as ml_dtypes.bfloat16)."""
+    import torch
+
+    v = v.detach().contiguous()
+    if v.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return v.numpy()
+
+
+def _read_bin(path: Path) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            f"{path} is a PyTorch .bin checkpoint: reading it safely (torch.load with "
+            "weights_only=True, no arbitrary unpickling) needs torch's CPU build: "
+            "pip install 'btlm_jax[hf]' (or pip install torch --index-url "
+            "https://download.pytorch.org/whl/cpu)") from None
+    try:
+        try:  # memory-mapped (zip format): tensors are read from the file as they are converted
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        raise ConversionError(
+            f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); btlm_jax never unpickles arbitrary "
+            "objects: convert the checkpoint to safetensors") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ConversionError(f"{path}: holds a {type(sd).__name__}, not a dict of tensors")
+    return {k: _torch_to_numpy(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def read_tensors(hf_dir: str | Path) -> dict[str, Any]:
+    """All tensors of a Hugging Face checkpoint directory as NumPy arrays in their stored dtype
+    (bf16 as ``ml_dtypes.bfloat16``): safetensors or PyTorch ``.bin``, single or sharded with an
+    index. ``.bin`` files are read only with ``torch.load(weights_only=True)``."""
+    out: dict[str, Any] = {}
+    for f in weight_files(hf_dir):
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
             with safe_open(str(f), framework="flax") as fh:
                 for k in fh.keys():
                     out[k] = np.asarray(fh.get_tensor(k))
-        return out
-    bins = sorted(hf_dir.glob("pytorch_model*.bin"))
-    if bins:
-        try:
-            import torch
-        except ImportError:
-            raise ConversionError(
-                f"{hf_dir} has only PyTorch .bin weights: install torch (CPU build) to read them "
-                "safely with weights_only=True, or convert them to safetensors") from None
-        out = {}
-        for f in bins:
-            sd = torch.load(str(f), map_location="cpu", weights_only=True)
-            for k, v in sd.items():
-                out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-        return out
-    raise ConversionError(f"{hf_dir} holds no model.safetensors (or *.safetensors) file")
+        else:
+            out.update(_read_bin(f))
+    return out
 
 
 def read_config(hf_dir: str | Path) -> dict:
@@ -438,13 +526,18 @@ def load_hf(hf_dir: str | Path, base_cfg: ml_collections.ConfigDict | None = Non
     cfg = apply_overrides(base_cfg if base_cfg is not None else default_config(), ov)
     if scan_layers is not None:
         cfg.model.scan_layers = scan_layers
-    params = from_hf(read_tensors(hf_dir), cfg.model, layout)
+    tensors = read_tensors(hf_dir)
+    params = from_hf(tensors, cfg.model, layout)
+    # carry the stored slopes (bf16 in the published checkpoint) so logits match the reference
+    cfg.model.alibi_slopes = checked_slopes(_normalise_names(tensors), cfg.model.n_heads)
     return cfg, params, layout
 
 
 def save_hf(params, m, out_dir: str | Path, layout: str | None = None, *, dtype=None,
-            eos_token_id: int | None = None) -> Path:
-    """Writes ``config.json`` and ``model.safetensors`` (Hugging Face naming) into ``out_dir``."""
+            eos_token_id: int | None = None, tokenizer=None) -> Path:
+    """Writes ``config.json`` and ``model.safetensors`` (Hugging Face naming) into ``out_dir``,
+    and the tokenizer's files (``vocab.json`` + ``merges.txt`` or ``tokenizer.json`` ...) when
+    ``tokenizer`` (a :class:`btlm_jax.data.tokenizer.Tokenizer` or a path) is given."""
     from safetensors.numpy import save_file
 
     layout = layout or default_layout(m)
@@ -461,4 +554,8 @@ def save_hf(params, m, out_dir: str | Path, layout: str | None = None, *, dtype=
     out.mkdir(parents=True, exist_ok=True)
     save_file(arrs, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None and getattr(tokenizer, "kind", None) != "bytes":
+        from btlm_jax.data.tokenizer import copy_tokenizer_files
+
+        copy_tokenizer_files(tokenizer, out)
     return out

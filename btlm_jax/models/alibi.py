@@ -39,25 +39,91 @@ def interpolation_scale(eval_len: int, train_len: int) -> float:
     return max(1.0, eval_len / train_len)
 
 
+def model_slopes(model_cfg) -> np.ndarray:
+    """The model's own slopes [H] (float64): ``model.alibi_slopes`` when carried from a checkpoint
+    (e.g. the bf16-rounded ``transformer.relative_pe.slopes`` of cerebras/btlm-3b-8k-base), else the
+    standard :func:`alibi_slopes`."""
+    n = int(model_cfg.n_heads)
+    carried = tuple(getattr(model_cfg, "alibi_slopes", ()) or ())
+    if not carried:
+        return alibi_slopes(n)
+    if len(carried) != n:
+        raise ValueError(f"model.alibi_slopes has {len(carried)} values but model.n_heads={n}: "
+                         "give one slope per head, or () for the standard slopes")
+    return np.asarray(carried, np.float64)
+
+
+def dynamic_train_len(model_cfg) -> int:
+    """``L`` of a dynamic ``alibi_scaling`` in effect (a fixed factor other than 1 wins), else 0."""
+    dyn = int(getattr(model_cfg, "alibi_scaling_train_seq_len", 0) or 0)
+    return dyn if dyn > 0 and float(model_cfg.alibi_scaling) == 1.0 else 0
+
+
+def scaling_divisor(model_cfg, key_len=None):
+    """The divisor the config's ``alibi_scaling`` puts on the slopes for ``key_len`` keys.
+
+    Hugging Face BTLM semantics: a fixed ``{"type": "linear", "factor": f}`` is
+    ``model.alibi_scaling = f`` (it wins over a train length, as in the reference); a dynamic
+    ``{"type": "linear", "train_seq_len": L}`` is ``model.alibi_scaling_train_seq_len = L``: divide
+    by ``key_len / L`` in every forward whose key length exceeds ``L`` (each decode step
+    recomputes it from its own key count), else by 1. ``key_len`` may be a traced scalar.
+    """
+    dyn = dynamic_train_len(model_cfg)
+    if not dyn or key_len is None:
+        return float(model_cfg.alibi_scaling)
+    if isinstance(key_len, (int, np.integer)):
+        return max(1.0, int(key_len) / dyn)
+    return jnp.maximum(1.0, jnp.asarray(key_len, jnp.float32) / dyn)
+
+
 def effective_slopes(model_cfg, key_len=None, alibi_scale=1.0):
-    """The per-head slopes [H] (float32) a forward pass uses: the model's slopes divided by
-    ``alibi_scale`` (position interpolation at evaluation) and the config's ``alibi_scaling``.
+    """The per-head slopes [H] (float32) a forward pass uses: the model's slopes
+    (:func:`model_slopes`: carried or standard) divided by ``alibi_scale`` (position
+    interpolation at evaluation) and the config's ``alibi_scaling`` (:func:`scaling_divisor`).
 
     Every attention implementation takes its slopes from here, so the slope source (computed or
     carried from a checkpoint) and the scaling semantics live in one place. ``key_len`` is the
-    number of key positions of this forward (static or traced), for length-dependent scaling.
+    number of key positions of this forward (static or traced; with a KV cache the filled slots,
+    prefix included), for length-dependent scaling. A dynamic ``alibi_scaling`` already
+    interpolates, so there the divisor is ``max(alibi_scale, key_len / L)``, not their product
+    (evaluating with position interpolation on does not interpolate twice).
     """
-    slopes = jnp.asarray(alibi_slopes(model_cfg.n_heads), jnp.float32)
-    return slopes / (alibi_scale * model_cfg.alibi_scaling)
+    slopes = jnp.asarray(model_slopes(model_cfg), jnp.float32)
+    div = scaling_divisor(model_cfg, key_len)
+    if dynamic_train_len(model_cfg) and key_len is not None:
+        return slopes / jnp.maximum(alibi_scale, div)
+    return slopes / (alibi_scale * div)
 
 
-def alibi_bias(n_heads: int, q_positions, k_positions, scale=1.0):
+def alibi_bias(n_heads: int, q_positions, k_positions, scale=1.0, slopes=None):
     """ALiBi bias [B, H, Tq, Tk] from per-token positions [B, Tq] and [B, Tk].
 
     ``scale`` divides the slopes (position interpolation / alibi_scaling); it may be a traced
-    scalar. Distances are clipped at 0 so masked (future) entries stay finite.
+    scalar. ``slopes`` [H] replaces the standard slopes (pass :func:`effective_slopes`).
+    Distances are clipped at 0 so masked (future) entries stay finite.
     """
-    slopes = jnp.asarray(alibi_slopes(n_heads), jnp.float32)
+    if slopes is None:
+        slopes = jnp.asarray(alibi_slopes(n_heads), jnp.float32)
     dist = q_positions[:, :, None] - k_positions[:, None, :]  # [B, Tq, Tk], i - j
     dist = jnp.maximum(dist, 0).astype(jnp.float32)
     return -(slopes[None, :, None, None] / scale) * dist[:, None, :, :]
+
+
+def key_only_alibi_bias(slopes, k_positions):
+    """The key-only ALiBi bias ``m_h * pos_j``, float32 [B, H, 1, Tk], from slopes [H] and key
+    positions [B, Tk].
+
+    Softmax is invariant to a per-row constant, so adding ``m_h * pos_j`` instead of
+    ``-m_h * (pos_i - pos_j)`` gives the same attention on every unmasked entry (also when positions
+    restart inside packed documents). Kept in float32: ``m_h * pos_j`` reaches thousands at 8k
+    tokens, beyond what bfloat16 resolves.
+    """
+    return (slopes.astype(jnp.float32)[None, :, None, None]
+            * k_positions.astype(jnp.float32)[:, None, None, :])
+
+
+def full_alibi_bias(slopes, q_positions, k_positions):
+    """The full ALiBi bias ``-m_h * (pos_i - pos_j)``, float32 [B, H, Tq, Tk] (distances clipped at
+    0 so masked future entries stay finite)."""
+    dist = jnp.maximum(q_positions[:, :, None] - k_positions[:, None, :], 0).astype(jnp.float32)
+    return -slopes.astype(jnp.float32)[None, :, None, None] * dist[:, None, :, :]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from btlm_jax.models.alibi import alibi_bias
+from btlm_jax.models.alibi import alibi_bias, effective_slopes
 from btlm_jax.models.mup import mup_scales
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -211,7 +211,7 @@ class BTLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         x = self._embed(tokens, positions)
         mask = attention_mask(segment_ids, positions)
-        bias = self._bias(positions, positions, alibi_scale)
+        bias = self._bias(positions, positions, alibi_scale, length)
         if cfg.scan_layers:
             x, _ = self.layers(x, bias, mask, None, None)
         else:
@@ -229,11 +229,11 @@ class BTLM(nn.Module):
         x = x * self.scales.embed_mult
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    def _bias(self, q_positions, k_positions, alibi_scale):
+    def _bias(self, q_positions, k_positions, alibi_scale, key_len):
         cfg = self.cfg
         if cfg.position == "alibi":
             return alibi_bias(cfg.n_heads, q_positions, k_positions,
-                              alibi_scale * cfg.alibi_scaling)
+                              slopes=effective_slopes(cfg, key_len, alibi_scale))
         return jnp.zeros((1, 1, 1, 1), jnp.float32)
 
     def decode(self, tokens, cache, cache_index, segment_ids=None, positions=None,
@@ -260,7 +260,7 @@ class BTLM(nn.Module):
             cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
         x = self._embed(tokens, positions)
         mask = attention_mask(k_seg, k_pos, q_positions=positions, q_segment_ids=segment_ids)
-        bias = self._bias(positions, k_pos, alibi_scale)
+        bias = self._bias(positions, k_pos, alibi_scale, cache_index + t)  # keys filled so far
         kv = {"k": cache["k"], "v": cache["v"]}
         if cfg.scan_layers:
             x, new_kv = self.layers(x, bias, mask, kv, cache_index)
