@@ -169,7 +169,8 @@ def _iter_zst_lines(path: str) -> Iterator[tuple[int, bytes]]:
                     out = dobj.decompress(chunk)
                 except zstandard.ZstdError as e:
                     raise DataError(
-                        f"{path}: corrupt zstd data after line {lineno} ({e})") from None
+                        f"{path}: corrupt zstd data after line {lineno} ({e}); re-download or "
+                        "delete the file") from None
                 fed = True
                 chunk = b""
                 if dobj.eof:
@@ -197,6 +198,20 @@ def _iter_plain_lines(path: str) -> Iterator[tuple[int, int, bytes]]:
             pos += len(line)
 
 
+def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line bytes without the newline) of a jsonl file, zstd-compressed
+    (``.zst``/``.zstd``, any number of frames) or plain: the one line reader of the training data
+    and of deduplication.
+
+    Raises DataError for a corrupt zstd stream or one that ends inside a frame (a truncated
+    shard), naming the file and the last line read."""
+    if path.endswith((".zst", ".zstd")):
+        yield from _iter_zst_lines(path)
+        return
+    for lineno, _, line in _iter_plain_lines(path):
+        yield lineno, line[:-1] if line.endswith(b"\n") else line
+
+
 def _parse_line(path: str, lineno: int, line: bytes) -> dict:
     try:
         obj = json.loads(line)
@@ -216,92 +231,134 @@ def _source_of(obj: dict, label: str | None, source_field: str) -> str:
     return str(s) if s is not None else DEFAULT_SOURCE
 
 
+class _IndexBuilder:
+    """The documents of one file as they are found: byte range, block and source of each, and
+    the bad records (raised at once, or counted and listed with ``on_error=skip``)."""
+
+    def __init__(self, path: str, label: str | None, source_field: str, on_error: str):
+        self.path, self.kind, self.label = path, _kind(path), label
+        self.source_field, self.on_error = source_field, on_error
+        self.starts, self.ends, self.blocks, self.sources = [], [], [], []
+        self.errors: list[str] = []
+
+    def bad(self, msg: str) -> None:
+        if self.on_error != "skip":
+            raise DataError(msg)
+        self.errors.append(msg)
+
+    def add(self, start: int, end: int, block: int, source: str) -> None:
+        self.starts.append(start)
+        self.ends.append(end)
+        self.blocks.append(block)
+        self.sources.append(source)
+
+    def add_line(self, lineno: int, line: bytes, start: int, end: int, block: int = 0) -> bool:
+        """Parses one jsonl line and adds it as the document at ``[start, end)``; False for a
+        blank or (skipped) bad line."""
+        if not line.strip():
+            return False
+        try:
+            obj = _parse_line(self.path, lineno, line)
+        except DataError as e:
+            self.bad(str(e))
+            return False
+        self.add(start, end, block, _source_of(obj, self.label, self.source_field))
+        return True
+
+    def result(self, block_offsets=(0,), seekable_path: str | None = None) -> FileIndex:
+        return FileIndex(self.path, self.kind, np.asarray(self.starts, np.int64),
+                         np.asarray(self.ends, np.int64), np.asarray(self.blocks, np.int32),
+                         self.sources, np.asarray(block_offsets, np.int64), seekable_path,
+                         len(self.errors), self.errors)
+
+
+class _SeekableWriter:
+    """Writes records into independent zstd frames of about ``BLOCK_BYTES`` each, atomically
+    (a temporary file renamed on success, removed on failure)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.cctx = zstandard.ZstdCompressor(level=3)
+        self.block_offsets = [0]
+        self.buf = bytearray()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", dir=Path(path).parent)
+        self.out = os.fdopen(fd, "wb")
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(offset in the current block, block number) of the next record."""
+        return len(self.buf), len(self.block_offsets) - 1
+
+    def append(self, record: bytes) -> None:
+        self.buf += record
+        if len(self.buf) >= BLOCK_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buf:
+            frame = self.cctx.compress(bytes(self.buf))
+            self.out.write(frame)
+            self.block_offsets.append(self.block_offsets[-1] + len(frame))
+            self.buf.clear()
+
+    def __enter__(self) -> "_SeekableWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                self._flush()
+            self.out.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
+def _index_txt(b: _IndexBuilder) -> FileIndex:
+    with open(b.path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        b.bad(f"{b.path}: invalid UTF-8 ({e})")
+    else:
+        if data.strip():
+            b.add(0, len(data), 0, b.label or DEFAULT_SOURCE)
+    return b.result()
+
+
+def _index_jsonl(b: _IndexBuilder) -> FileIndex:
+    for lineno, pos, line in _iter_plain_lines(b.path):
+        b.add_line(lineno, line, pos, pos + len(line))
+    return b.result()
+
+
+def _index_zst(b: _IndexBuilder, seekable_path: str) -> FileIndex:
+    """Re-encodes the good lines into the seekable copy. A corrupt or truncated stream keeps the
+    documents read before it only when skipping."""
+    with _SeekableWriter(seekable_path) as w:
+        try:
+            for lineno, line in _iter_zst_lines(b.path):
+                start, block = w.position
+                if b.add_line(lineno, line, start, start + len(line) + 1, block):
+                    w.append(line + b"\n")
+        except DataError as e:
+            b.bad(str(e))
+    return b.result(w.block_offsets, seekable_path)
+
+
 def _build_index(path: str, label: str | None, source_field: str, on_error: str,
                  seekable_path: str | None) -> FileIndex:
-    kind = _kind(path)
-    starts, ends, blocks, sources, errors = [], [], [], [], []
-    skipped = 0
-
-    def bad(msg: str):
-        nonlocal skipped
-        if on_error != "skip":
-            raise DataError(msg)
-        skipped += 1
-        errors.append(msg)
-
-    if kind == "txt":
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            data.decode("utf-8")
-            if data.strip():
-                starts, ends, blocks, sources = [0], [len(data)], [0], [label or DEFAULT_SOURCE]
-        except UnicodeDecodeError as e:
-            bad(f"{path}: invalid UTF-8 ({e})")
-        return FileIndex(path, kind, np.asarray(starts, np.int64), np.asarray(ends, np.int64),
-                         np.asarray(blocks, np.int32), sources, np.zeros(1, np.int64), None,
-                         skipped, errors)
-
-    if kind == "jsonl":
-        for lineno, pos, line in _iter_plain_lines(path):
-            if not line.strip():
-                continue
-            try:
-                obj = _parse_line(path, lineno, line)
-            except DataError as e:
-                bad(str(e))
-                continue
-            starts.append(pos)
-            ends.append(pos + len(line))
-            blocks.append(0)
-            sources.append(_source_of(obj, label, source_field))
-        return FileIndex(path, kind, np.asarray(starts, np.int64), np.asarray(ends, np.int64),
-                         np.asarray(blocks, np.int32), sources, np.zeros(1, np.int64), None,
-                         skipped, errors)
-
-    # zst: re-encode good lines into independent frames of ~BLOCK_BYTES (the seekable copy).
+    b = _IndexBuilder(path, label, source_field, on_error)
+    if b.kind == "txt":
+        return _index_txt(b)
+    if b.kind == "jsonl":
+        return _index_jsonl(b)
     assert seekable_path is not None
-    cctx = zstandard.ZstdCompressor(level=3)
-    block_offsets = [0]
-    buf = bytearray()
-    Path(seekable_path).parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=Path(seekable_path).parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            def flush():
-                if buf:
-                    frame = cctx.compress(bytes(buf))
-                    out.write(frame)
-                    block_offsets.append(block_offsets[-1] + len(frame))
-                    buf.clear()
-
-            try:
-                for lineno, line in _iter_zst_lines(path):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = _parse_line(path, lineno, line)
-                    except DataError as e:
-                        bad(str(e))
-                        continue
-                    starts.append(len(buf))
-                    buf += line + b"\n"
-                    ends.append(len(buf))
-                    blocks.append(len(block_offsets) - 1)
-                    sources.append(_source_of(obj, label, source_field))
-                    if len(buf) >= BLOCK_BYTES:
-                        flush()
-            except DataError as e:
-                # Corrupt/truncated stream: keep the documents read so far only when skipping.
-                bad(str(e))
-            flush()
-        os.replace(tmp, seekable_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return FileIndex(path, kind, np.asarray(starts, np.int64), np.asarray(ends, np.int64),
-                     np.asarray(blocks, np.int32), sources, np.asarray(block_offsets, np.int64),
-                     seekable_path, skipped, errors)
+    return _index_zst(b, seekable_path)
 
 
 def _index_key(path: str, label: str | None, source_field: str, on_error: str) -> str:
@@ -469,9 +526,7 @@ def read_documents(path: str, source_field: str = "meta.redpajama_set_name",
         if text.strip():
             yield label or DEFAULT_SOURCE, text
         return
-    lines = (_iter_zst_lines(path) if kind == "zst"
-             else ((n, line) for n, _, line in _iter_plain_lines(path)))
-    for lineno, line in lines:
+    for lineno, line in iter_lines(path):
         if line.strip():
             obj = _parse_line(path, lineno, line)
             yield _source_of(obj, label, source_field), obj["text"]
