@@ -93,3 +93,204 @@ def test_tokenizer_errors_name_the_path(tmp_path):
         T.load_tokenizer(tmp_path)
     with pytest.raises(T.TokenizerError, match="nothing-here"):
         T.load_tokenizer(tmp_path / "nothing-here")
+
+
+# ------------------------------------------------------------------------ published BTLM format
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+N_HEAD, D, N_LAYER, D_FF, N_POS = 24, 48, 2, 64, 64
+
+
+def standard_slopes(n):
+    """ALiBi slopes (Press et al.): 2^(-8h/n) for a power of two n; otherwise those of the
+    largest power of two p < n, then every other slope of the 2p sequence for the rest."""
+    def pow2(k):
+        return [2.0 ** (-8.0 * h / k) for h in range(1, k + 1)]
+    p = 1
+    while p * 2 <= n:
+        p *= 2
+    return np.array(pow2(p) + pow2(2 * p)[0::2][: n - p])
+
+
+def published_config(vocab, generation, alibi_scaling):
+    """config.json as cerebras/btlm-3b-8k-base publishes it, at tiny size."""
+    c = {"activation_function": "swiglu", "architectures": ["BTLMLMHeadModel"],
+         "model_type": "btlm", "n_embd": D, "n_head": N_HEAD, "n_inner": D_FF, "n_layer": N_LAYER,
+         "n_positions": N_POS, "position_embedding_type": "alibi", "vocab_size": vocab,
+         "layer_norm_epsilon": 1e-5, "initializer_range": 0.073, "scale_attn_weights": True,
+         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+         "tie_word_embeddings": True, "torch_dtype": "bfloat16", "bos_token_id": vocab - 1,
+         "eos_token_id": vocab - 1, "alibi_scaling": alibi_scaling, "use_cache": True}
+    if generation == "mup_":
+        c.update(mup_width_scale=0.5, mup_embeddings_scale=14.6, mup_output_alpha=2.22,
+                 mup_scale_qk_dot_by_d=True)
+    else:  # the first revision: unprefixed names, output_logits_scale = alpha * width
+        c.update(width_scale=0.5, embeddings_scale=14.6, output_logits_scale=1.11,
+                 scale_qk_dot_by_d=True)
+    return c
+
+
+def write_published_btlm(d, generation="mup_", alibi_scaling=None, seed=0, shards=1):
+    """A tiny BTLM folder in the published on-disk form: bf16 pytorch_model.bin (tied lm_head
+    sharing wte's storage, bf16 slopes [H, 1]), config.json, vocab.json + merges.txt."""
+    vocab = write_gpt2_tokenizer(d)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=0.1, mean=0.0):
+        return mean + std * torch.randn(*shape, generator=g)
+
+    sd = {"transformer.wte.weight": rnd(vocab, D, std=0.08)}
+    for i in range(N_LAYER):
+        p = f"transformer.h.{i}."
+        sd.update({
+            p + "ln_1.weight": rnd(D, mean=1.0), p + "ln_1.bias": rnd(D, std=0.05),
+            p + "attn.c_attn.weight": rnd(D, 3 * D, std=0.5), p + "attn.c_attn.bias": rnd(3 * D),
+            p + "attn.c_proj.weight": rnd(D, D, std=0.2), p + "attn.c_proj.bias": rnd(D),
+            p + "ln_2.weight": rnd(D, mean=1.0), p + "ln_2.bias": rnd(D, std=0.05),
+            p + "mlp.c_fc.weight": rnd(D, D_FF, std=0.2), p + "mlp.c_fc.bias": rnd(D_FF),
+            p + "mlp.c_fc2.weight": rnd(D, D_FF, std=0.2), p + "mlp.c_fc2.bias": rnd(D_FF),
+            p + "mlp.c_proj.weight": rnd(D_FF, D, std=0.2), p + "mlp.c_proj.bias": rnd(D)})
+    sd["transformer.ln_f.weight"] = rnd(D, mean=1.0)
+    sd["transformer.ln_f.bias"] = rnd(D, std=0.05)
+    sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    sd["transformer.relative_pe.slopes"] = torch.tensor(standard_slopes(N_HEAD))[:, None].to(
+        torch.bfloat16)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: one storage in the file
+    if shards == 1:
+        torch.save(sd, d / "pytorch_model.bin")
+    else:
+        names = sorted(sd)
+        weight_map = {}
+        for s in range(shards):
+            fname = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
+            part = {k: sd[k] for k in names[s::shards]}
+            torch.save(part, d / fname)
+            weight_map.update({k: fname for k in part})
+        (d / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "config.json").write_text(json.dumps(published_config(vocab, generation, alibi_scaling)))
+    return {k: v.float().numpy().astype(np.float64) for k, v in sd.items()}
+
+
+def _ln(x, w, b, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+def reference_logits(t, c, ids, slopes=None, scaling=True):
+    """float64 BTLM forward from the architecture: pre-LN blocks, fused QKV (GPT-2 Conv1D
+    [in, out]), q.k / d_head (muP), ALiBi bias -(m_h / s) |i - j| with s the alibi_scaling
+    divisor for this forward's key count, SwiGLU c_fc(x) * silu(c_fc2(x)), tied head,
+    embeddings x embeddings_scale, logits x output scale."""
+    ids = np.asarray(ids)
+    b, n = ids.shape
+    emb = c.get("mup_embeddings_scale", c.get("embeddings_scale"))
+    out_scale = (c["mup_output_alpha"] * c["mup_width_scale"] if "mup_output_alpha" in c
+                 else c["output_logits_scale"])
+    h, dh = c["n_head"], c["n_embd"] // c["n_head"]
+    m = t["transformer.relative_pe.slopes"][:, 0] if slopes is None else slopes
+    sc, s = c.get("alibi_scaling") or {}, 1.0
+    if scaling and sc.get("factor") is not None:
+        s = sc["factor"]
+    elif scaling and sc.get("train_seq_len") is not None and n > sc["train_seq_len"]:
+        s = n / sc["train_seq_len"]
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    bias = -(m / s)[:, None, None] * np.abs(i - j)[None]
+    x = t["transformer.wte.weight"][ids] * emb
+    for layer in range(c["n_layer"]):
+        p = f"transformer.h.{layer}."
+        a = _ln(x, t[p + "ln_1.weight"], t[p + "ln_1.bias"])
+        qkv = a @ t[p + "attn.c_attn.weight"] + t[p + "attn.c_attn.bias"]
+        q, k, v = (qkv[..., z * D:(z + 1) * D].reshape(b, n, h, dh).transpose(0, 2, 1, 3)
+                   for z in range(3))
+        w = q @ k.transpose(0, 1, 3, 2) / dh + bias[None]
+        w = np.where(j <= i, w, -np.inf)
+        w = np.exp(w - w.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        o = (w @ v).transpose(0, 2, 1, 3).reshape(b, n, D)
+        x = x + o @ t[p + "attn.c_proj.weight"] + t[p + "attn.c_proj.bias"]
+        a = _ln(x, t[p + "ln_2.weight"], t[p + "ln_2.bias"])
+        up = a @ t[p + "mlp.c_fc.weight"] + t[p + "mlp.c_fc.bias"]
+        gate = a @ t[p + "mlp.c_fc2.weight"] + t[p + "mlp.c_fc2.bias"]
+        x = x + (up * gate / (1 + np.exp(-gate))) @ t[p + "mlp.c_proj.weight"] \
+            + t[p + "mlp.c_proj.bias"]
+    x = _ln(x, t["transformer.ln_f.weight"], t["transformer.ln_f.bias"])
+    return x @ t["lm_head.weight"].T * out_scale
+
+
+def reference_greedy(t, c, prompt, n_new):
+    """Greedy decoding with the reference, one full forward per new token (so a dynamic
+    alibi_scaling sees the growing key count, as the reference's cached decoding does)."""
+    seq, out = list(prompt), []
+    for _ in range(n_new):
+        lg = reference_logits(t, c, np.array([seq]))[0, -1]
+        top2 = np.sort(lg)[-2:]
+        assert top2[1] - top2[0] > 1e-3 * np.abs(lg).max(), "near tie: pick another prompt"
+        out.append(int(np.argmax(lg)))
+        seq.append(out[-1])
+    return out
+
+
+def assert_logits_close(got, want):
+    err = np.abs(np.asarray(got, np.float64) - want).max()
+    assert err < 1e-4 * np.abs(want).max(), (err, np.abs(want).max())
+
+
+def check_loaded(lm, t, c, tmp_path):
+    """Token ids, logits at a short and a long length, greedy generation against the reference."""
+    ref_tok = tokenizers.ByteLevelBPETokenizer(str(tmp_path / "hf" / "vocab.json"),
+                                               str(tmp_path / "hf" / "merges.txt"))
+    text = TEXTS[0]
+    ids = lm.tokenizer.encode(text)
+    assert ids == ref_tok.encode(text).ids and lm.tokenizer.decode(ids) == text
+    batch = np.array([ids[:13], ids[5:18]])
+    for n in (6, 13):  # below and above a dynamic train_seq_len of 8
+        want = reference_logits(t, c, batch[:, :n])
+        got = lm.logits(batch[:, :n])
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert_logits_close(got, want)
+    prompt = ids[:5]
+    want = reference_greedy(t, c, prompt, 8)  # crosses the dynamic train_seq_len of 8
+    assert lm.generate([prompt], max_new_tokens=8, stop_at_eos=False)[0] == want
+    assert lm.generate(lm.tokenizer.decode(prompt), max_new_tokens=8, stop_at_eos=False) == \
+        lm.tokenizer.decode(want)
+
+
+CASES = [("mup_", {"type": "linear", "train_seq_len": 8}),
+         ("", {"type": "linear", "train_seq_len": 8}),
+         ("mup_", None), ("", {"type": "linear", "factor": 2.0})]
+
+
+@pytest.mark.parametrize("generation,alibi_scaling", CASES)
+def test_published_btlm_folder_loads_in_memory(tmp_path, generation, alibi_scaling):
+    import btlm_jax
+
+    t = write_published_btlm(tmp_path / "hf", generation, alibi_scaling)
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    before = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    lm = btlm_jax.load_model(tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before  # nothing written
+    assert lm.step == 0 and lm.cfg.model.n_heads == N_HEAD and lm.params is not None
+    # the bf16 slopes are carried, not recomputed
+    np.testing.assert_array_equal(lm.cfg.model.alibi_slopes,
+                                  t["transformer.relative_pe.slopes"][:, 0])
+    check_loaded(lm, t, c, tmp_path)
+
+
+def test_reference_sees_stored_slopes_and_dynamic_scaling(tmp_path):
+    """The checks above can fail: exact slopes or no dynamic scaling move logits beyond 1e-4."""
+    t = write_published_btlm(tmp_path / "hf", "mup_", {"type": "linear", "train_seq_len": 8})
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    ids = np.random.RandomState(0).randint(0, c["vocab_size"], size=(2, 13))
+    want = reference_logits(t, c, ids)
+    stored = t["transformer.relative_pe.slopes"][:, 0]
+    assert np.abs(stored / standard_slopes(N_HEAD) - 1).max() > 1e-3  # bf16 rounding
+    for other in (reference_logits(t, c, ids, slopes=standard_slopes(N_HEAD)),
+                  reference_logits(t, c, ids, scaling=False)):
+        with pytest.raises(AssertionError):
+            assert_logits_close(other, want)
