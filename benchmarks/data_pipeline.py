@@ -1,17 +1,20 @@
-"""Input pipeline throughput vs what training consumes.
+"""Data pipeline throughput (the packed store) vs what training consumes.
 
 Prints one table, measured in this run:
 
-* the full Grain pipeline (read, shuffle, tokenize, pack, mix, batch): documents/s and tokens/s;
-* raw sentencepiece ``encode`` throughput on the same documents (one process);
-* the tokens/s a training step consumes on this machine for the ``tiny`` preset (and, with
-  ``--big=PRESET``, a 1B-class preset such as ``cerebras_gpt_1p3b``), via ``btlm_jax.train``.
+* store build: tokenize + pack the whole training corpus into a fresh store (tokens/s), with
+  ``--workers`` tokenizer processes (0 = in process);
+* store read: :class:`btlm_jax.data.pipeline.StepData` ``local_batch`` for one process reading
+  the whole global batch of (a) the ``bench`` preset's step (1 x 512), (b) the ``tiny`` preset's
+  (8 x 256) and (c) a 1B-class step (``cerebras_gpt_1p3b``: 528 x 2048), tokens/s, from a warm
+  page cache (the store is memory-mapped);
+* what a step consumes: the ``bench`` preset's jitted train step on this machine, measured
+  (``--no_train`` skips it), and a 1B-class step on one accelerator, computed from model FLOPs:
+  ``tokens/s = MFU x peak / train_flops_per_token`` at ``--mfu`` (default 0.4) of ``--peak_tflops``
+  (default 989, an H100's dense bf16 peak).
 
-The pipeline must produce tokens faster than the step consumes them.
-
-    python benchmarks/data_pipeline.py                      # sample corpus, tiny
-    python benchmarks/data_pipeline.py --data='/data/SlimPajama/train/chunk1/*.jsonl.zst' \
-        --workers=4 --big=cerebras_gpt_1p3b
+    python benchmarks/data_pipeline.py                           # embedded sample corpus
+    python benchmarks/data_pipeline.py --data='/data/SlimPajama/train/chunk1/*.jsonl.zst' --workers=8
 """
 
 from __future__ import annotations
@@ -27,140 +30,128 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 
-def _cfg(args):
+def _cfg(args, preset="tiny"):
     from configs import btlm as presets
 
-    cfg = presets.get_config("tiny")
+    cfg = presets.get_config(preset)
     cfg.data.train = args.data
     cfg.data.eval = ""
     cfg.data.num_workers = args.workers
     cfg.data.packing = args.packing
+    cfg.data.tokenizer = args.tokenizer
     if args.cache_dir:
         cfg.data.cache_dir = args.cache_dir
     return cfg
 
 
-def bench_pipeline(cfg, tok, seq_len, batch_size, seconds):
-    from btlm_jax.data import pipeline
-
-    t0 = time.perf_counter()
-    it = pipeline.make_train_iterator(cfg, tok, seq_len=seq_len, batch_size=batch_size)
-    next(it)
-    startup = time.perf_counter() - t0
-    tokens, batches, eos = 0, 0, 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        b = next(it)
-        tokens += int(b["loss_mask"].sum())
-        eos += int(((b["targets"] == tok.eos_id) * b["loss_mask"]).sum())  # one per document
-        batches += 1
-    dt = time.perf_counter() - t0
-    if hasattr(it, "close"):
-        it.close()
-    return {"startup_s": startup, "tokens_per_s": tokens / dt, "docs_per_s": eos / dt,
-            "batches": batches}
-
-
-def bench_sentencepiece(cfg, tok, seconds):
-    from btlm_jax.data import pipeline
+def bench_build(cfg, tok, seq_len, workers):
+    """Builds the store into a fresh cache directory; returns the build statistics."""
+    from btlm_jax.data import pipeline, store
 
     corpus = pipeline.load_corpus(cfg, pipeline.train_spec(cfg), "data.train")
-    order = np.random.default_rng(0).permutation(len(corpus))
-    texts = [corpus.text(int(i)) for i in order[:2000]]
-    tokens, docs = 0, 0
+    with tempfile.TemporaryDirectory() as d:
+        return store.build(corpus, tok, os.path.join(d, "s"), seq_len=seq_len,
+                           packing=cfg.data.packing, num_workers=workers)
+
+
+def bench_read(cfg, tok, seq_len, batch, seconds):
+    from btlm_jax.data import pipeline
+
+    cfg.train.phases = ()
+    cfg.train.seq_len, cfg.train.batch_size, cfg.train.steps = seq_len, batch, 10**9
+    cfg.data.prefetch = 0  # time the read itself, not the overlap
+    data = pipeline.StepData(cfg, tok)
+    data.local_batch(0)  # opens (builds) the store, warms the page cache
+    tokens, steps = 0, 0
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for k in range(0, len(texts), 32):
-            tokens += sum(len(x) for x in tok.encode_batch(texts[k:k + 32]))
-            docs += len(texts[k:k + 32])
-            if time.perf_counter() - t0 >= seconds:
-                break
+    while time.perf_counter() - t0 < seconds or steps < 3:
+        b = data.local_batch(1000 + steps)
+        tokens += b["inputs"].size
+        steps += 1
     dt = time.perf_counter() - t0
-    return {"tokens_per_s": tokens / dt, "docs_per_s": docs / dt}
+    return {"tokens_per_s": tokens / dt, "step_ms": 1e3 * dt / steps}
 
 
-def bench_train_step(preset, args, steps=5):
-    """Tokens/s of the jitted train step (compile excluded), or a reason string."""
-    try:
-        from btlm_jax.train.loop import Trainer
-        from configs import btlm as presets
-    except ImportError as e:
-        return f"btlm_jax.train not available ({e})"
+def bench_train_step(args):
+    """Tokens/s of the ``bench`` preset's jitted train step here (compile excluded)."""
+    import functools
+
+    import flax.linen as nn
     import jax
+    import jax.numpy as jnp
 
-    cfg = presets.get_config(preset)
-    cfg.data.train = args.data
-    cfg.data.eval = ""
-    if args.cache_dir:
-        cfg.data.cache_dir = args.cache_dir
-    if preset != "tiny":
-        cfg.train.batch_size, cfg.train.seq_len = args.big_batch, args.big_seq_len
-        cfg.train.phases = ()
-        cfg.optim.warmup_steps = 0
-    cfg.logging.tensorboard = False
-    cfg.logging.progress_bar = False
-    cfg.checkpoint.async_save = False
-    try:
-        with tempfile.TemporaryDirectory() as wd:
-            tr = Trainer(cfg, wd)
-            state = tr.init_state()
-            it = tr.make_iterator(0)
-            batch = tr.to_global(next(it))
-            state, m = tr.train_step(state, batch)  # compile
-            jax.block_until_ready(m)
-            t0 = time.perf_counter()
-            toks = 0
-            for _ in range(steps):
-                local = next(it)
-                state, m = tr.train_step(state, tr.to_global(local))
-                toks += int(local["loss_mask"].sum())
-            jax.block_until_ready(m)
-            return toks / (time.perf_counter() - t0)
-    except Exception as e:  # report, do not crash the table (e.g. out of memory for big models)
-        return f"failed: {type(e).__name__}: {str(e)[:120]}"
+    from btlm_jax import optim
+    from btlm_jax.models.btlm import BTLM
+    from btlm_jax.train.step import TrainState, train_step
+    from configs import btlm as presets
+
+    cfg = presets.get_config("bench")
+    model = BTLM(cfg.model)
+    tx, sched = optim.build(cfg, cfg.train.steps)
+    b, L = cfg.train.batch_size, cfg.train.seq_len
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, cfg.model.vocab_size, (b, L)).astype(np.int32),
+             "targets": rng.integers(0, cfg.model.vocab_size, (b, L)).astype(np.int32),
+             "loss_mask": np.ones((b, L), np.float32), "segment_ids": np.ones((b, L), np.int32),
+             "positions": np.tile(np.arange(L, dtype=np.int32), (b, 1))}
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_schedule=sched),
+                   donate_argnums=(0,))
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(args.train_steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    return args.train_steps * b * L / (time.perf_counter() - t0)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="", help="train glob (default: embedded sample corpus)")
+    ap.add_argument("--tokenizer", default="", help="data.tokenizer (default: the tiny preset's "
+                    "trained sentencepiece model, vocab 4096)")
     ap.add_argument("--cache_dir", default="")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--packing", default="concat")
-    ap.add_argument("--seq_len", type=int, default=256)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--big", default="", help="also time a 1B-class preset, e.g. cerebras_gpt_1p3b")
-    ap.add_argument("--big_batch", type=int, default=1)
-    ap.add_argument("--big_seq_len", type=int, default=512)
-    ap.add_argument("--no_train", action="store_true", help="skip the train-step columns")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--no_train", action="store_true", help="skip timing the bench train step")
+    ap.add_argument("--train_steps", type=int, default=3)
+    ap.add_argument("--mfu", type=float, default=0.4)
+    ap.add_argument("--peak_tflops", type=float, default=989.0)
     args = ap.parse_args()
 
+    from btlm_jax import flops
     from btlm_jax.data import tokenizer
+    from configs import btlm as presets
 
     cfg = _cfg(args)
-    t0 = time.perf_counter()
     tok = tokenizer.load_or_train(cfg)
-    tok_s = time.perf_counter() - t0
-    pipe = bench_pipeline(cfg, tok, args.seq_len, args.batch_size, args.seconds)
-    sp = bench_sentencepiece(cfg, tok, args.seconds)
-    rows = [
-        ("tokenizer load/train (s)", f"{tok_s:.2f}"),
-        ("pipeline startup to first batch (s)", f"{pipe['startup_s']:.2f}"),
-        (f"pipeline docs/s (workers={args.workers}, {args.packing})", f"{pipe['docs_per_s']:,.0f}"),
-        ("pipeline tokens/s", f"{pipe['tokens_per_s']:,.0f}"),
-        ("raw sentencepiece docs/s (1 process)", f"{sp['docs_per_s']:,.0f}"),
-        ("raw sentencepiece tokens/s (1 process)", f"{sp['tokens_per_s']:,.0f}"),
-    ]
+    rows = [("tokenizer", f"{tok.kind}, vocab {tok.vocab_size}")]
+    build = bench_build(cfg, tok, 2048, args.workers)
+    rows.append((f"store build, {args.packing}, workers={args.workers} (tokens/s)",
+                 f"{build['tokens'] / build['seconds']:,.0f}  ({build['tokens']:,} tokens "
+                 f"in {build['seconds']:.1f} s)"))
+    reads = {}
+    for name, (b, L) in {"bench": (1, 512), "tiny": (8, 256), "1B-class": (528, 2048)}.items():
+        r = reads[name] = bench_read(_cfg(args), tok, L, b, args.seconds)
+        rows.append((f"store read, {name} step {b} x {L} (tokens/s)",
+                     f"{r['tokens_per_s']:,.0f}  ({r['step_ms']:.1f} ms/step)"))
     if not args.no_train:
-        for preset in ["tiny"] + ([args.big] if args.big else []):
-            r = bench_train_step(preset, args)
-            val = f"{r:,.0f}" if isinstance(r, float) else r
-            rows.append((f"train step tokens/s consumed ({preset})", val))
-            if isinstance(r, float):
-                rows.append((f"  pipeline headroom vs {preset}", f"{pipe['tokens_per_s'] / r:.1f}x"))
+        t = bench_train_step(args)
+        rows.append(("bench train step consumes here (tokens/s, measured)", f"{t:,.1f}"))
+        rows.append(("  read headroom vs bench step", f"{reads['bench']['tokens_per_s'] / t:,.0f}x"))
+    big = presets.get_config("cerebras_gpt_1p3b").model
+    need = args.mfu * args.peak_tflops * 1e12 / flops.train_flops_per_token(big, 2048)
+    rows.append((f"1B-class step consumes per accelerator (tokens/s, {args.mfu:.0%} MFU of "
+                 f"{args.peak_tflops:g} TFLOP/s, computed)", f"{need:,.0f}"))
+    rows.append(("  read headroom vs one accelerator",
+                 f"{reads['1B-class']['tokens_per_s'] / need:,.1f}x"))
+    rows.append(("  build headroom vs one accelerator", f"{build['tokens'] / build['seconds'] / need:,.2f}x"))
     w = max(len(k) for k, _ in rows)
     print(f"{'measure':<{w}}  value")
-    print("-" * (w + 16))
+    print("-" * (w + 30))
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
 

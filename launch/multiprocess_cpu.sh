@@ -8,10 +8,12 @@
 # Env: PYTHON (default python), BTLM_PORT (coordinator port, default random),
 # BTLM_MODULE (default btlm_jax.main), BTLM_HEARTBEAT_TIMEOUT (seconds before a dead process is
 # noticed; see btlm_jax/parallel/distributed.py). Output lines are prefixed with [pI].
-# Exit status: 0 if every process succeeded, else the first non-zero status.
+# SIGTERM/SIGINT to this script are forwarded to every process (they agree on a step, save a
+# checkpoint there and exit 0). Exit status: 0 if every process succeeded, else the first
+# non-zero status.
 set -u
 if [ $# -lt 2 ]; then
-  sed -n '2,12p' "$0"; exit 2
+  sed -n '2,14p' "$0"; exit 2
 fi
 N=$1; D=$2; shift 2
 PY=${PYTHON:-python}
@@ -24,10 +26,15 @@ for ((i = 0; i < N; i++)); do
     "$PY" -u -m "$MODULE" "$@" > >(sed -u "s/^/[p$i] /") 2>&1 &
   pids+=($!)
 done
-trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+trap 'kill -INT "${pids[@]}" 2>/dev/null' INT
 rc=0
 for p in "${pids[@]}"; do
-  wait "$p"; s=$?
+  # a trapped signal interrupts `wait` (status > 128) while the process still runs: wait again
+  while :; do
+    wait "$p"; s=$?
+    if [ $s -le 128 ] || ! kill -0 "$p" 2>/dev/null; then break; fi
+  done
   if [ $s -ne 0 ] && [ $rc -eq 0 ]; then rc=$s; fi
 done
 exit $rc

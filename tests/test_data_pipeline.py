@@ -288,3 +288,16 @@ def test_skipped_records_are_counted(tmp_path):
     texts = bytes(int(t) if t < 256 else 10 for t in stream).decode().split("\n")
     for g in good[:5]:  # the last document may be in the dropped tail
         assert json.loads(g)["text"] in texts
+
+
+@pytest.mark.parametrize("dense", [True, False])  # NumPy permutations / Grain's index shuffle
+def test_epoch_order_is_a_fresh_permutation_each_epoch(monkeypatch, dense):
+    monkeypatch.setattr(pipeline.EpochOrder, "DENSE_MAX", 1000 if dense else 10)
+    n = 37
+    order = pipeline.EpochOrder(n, seed=5)
+    got = order(np.arange(3 * n))
+    epochs = got.reshape(3, n)
+    for e in epochs:
+        assert sorted(e) == list(range(n))
+    assert not (epochs[0] == epochs[1]).all() and not (epochs[0] == np.arange(n)).all()
+    np.testing.assert_array_equal(order([80, 3, 40]), got[[80, 3, 40]])  # random access

@@ -447,6 +447,43 @@ def open_store(cfg, tokenizer, spec: str, key: str, seq_len: int, log=None) -> s
         num_workers=int(_get(cfg, "data.num_workers", 0) or 0), log=log)
 
 
+class EpochOrder:
+    """The order in which a source's ``n`` packed rows are read: arrival ``k`` is row
+    ``perm_e(k mod n)``, ``e = k // n``, a fresh permutation every epoch.
+
+    Up to :attr:`DENSE_MAX` rows the permutation of an epoch is NumPy's (``default_rng((seed,
+    e)).permutation(n)``, cached for two epochs); above, Grain's index shuffle computes each entry
+    on its own (O(1) memory, about 35 us per row; it is slow on small ranges)."""
+
+    DENSE_MAX = 1 << 22
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = int(n), int(seed)
+        self._perms: dict[int, np.ndarray] = {}
+        self._grain = None if self.n <= self.DENSE_MAX else \
+            grain.MapDataset.range(self.n).shuffle(seed=self.seed)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        p = self._perms.get(epoch)
+        if p is None:
+            p = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = p
+        return p
+
+    def __call__(self, ks) -> np.ndarray:
+        ks = np.asarray(ks, np.int64)
+        if self._grain is not None:
+            return np.asarray([self._grain[int(k)] % self.n for k in ks], np.int64)
+        out = np.empty(len(ks), np.int64)
+        epochs = ks // self.n
+        for e in np.unique(epochs):
+            m = epochs == e
+            out[m] = self._perm(int(e))[ks[m] % self.n]
+        return out
+
+
 class StepData:
     """The training batches, keyed by step.
 
@@ -460,7 +497,8 @@ class StepData:
     of the phase's row sequence, in which the sources follow :class:`mixtures.Interleave` (row
     ``h`` is row number ``k`` of source ``s``), and row ``k`` of source ``s`` is row
     ``perm_e(k mod R_s)`` of the source's packed store (``R_s`` rows), ``e = k // R_s`` the
-    epoch and ``perm_e`` Grain's index shuffle with a seed of (``seed``, phase, source) + ``e``.
+    epoch and ``perm_e`` a permutation seeded by (``seed``, phase, source) and ``e``
+    (:class:`EpochOrder`).
 
     Every element is a dict of numpy arrays ``[rows, seq_len]``: ``inputs``, ``targets`` (int32),
     ``loss_mask`` (float32, 0 on padding), ``segment_ids``, ``positions`` (int32) and
@@ -535,8 +573,7 @@ class StepData:
             out = []
             for s in self.active:
                 rows = st.rows(s, self.source_names.index(s))
-                order = grain.MapDataset.range(len(rows)).shuffle(
-                    seed=_seed_for(self.seed, "train", phase, s))
+                order = EpochOrder(len(rows), _seed_for(self.seed, "train", phase, s))
                 out.append((rows, order))
             self._by_phase[phase] = out
         return self._by_phase[phase]
@@ -556,8 +593,7 @@ class StepData:
             where = np.flatnonzero(src == i)
             if len(where) == 0:
                 continue
-            idx = np.asarray([order[assign[w][1]] for w in where], np.int64)
-            got = rows.take(idx)
+            got = rows.take(order([assign[w][1] for w in where]))
             for f in FIELDS:
                 out[f][where] = got[f]
         return out

@@ -127,8 +127,10 @@ class Rows:
             raise IndexError(f"rows {rows} out of range for {self.num_rows} rows of {self.name}")
         L, n, mm = self.L, len(rows), self._maps()
         if self.packing == "concat":
-            idx = rows[:, None] * L + np.arange(L + 1)
-            t = np.asarray(mm["tokens"][idx], np.int32)
+            tok = mm["tokens"]
+            t = np.empty((n, L + 1), np.int32)
+            for i, r in enumerate(rows):  # contiguous slices: faster than one fancy gather
+                t[i] = tok[r * L:r * L + L + 1]
             return {"inputs": t[:, :L], "targets": t[:, 1:],
                     "loss_mask": np.ones((n, L), np.float32),
                     "segment_ids": np.ones((n, L), np.int32),
