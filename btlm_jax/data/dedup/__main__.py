@@ -5,14 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 from .io import DedupInputError
 from .pipeline import DedupConfig, run_dedup
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one ``error: ...`` line (exit 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = DedupConfig(inputs=[], output="")
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m btlm_jax.data.dedup",
         description="SlimPajama-style near-duplicate removal (NFC, length filter, MinHash-LSH, "
         "connected components), locally or on Ray.",
@@ -53,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-work", action="store_true", help="keep the scratch files")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--verbose", action="store_true",
+                   help="on an input, argument or file-system error, print the traceback too")
     return p
 
 
@@ -70,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         stats = run_dedup(cfg)
-    except DedupInputError as exc:
+    except (DedupInputError, OSError) as exc:  # the user's files, flags or disk
+        if args.verbose:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t = stats["total"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import Iterator
 
 import zstandard
 
+from ..slimpajama import DataError, iter_lines
 from .normalize import nfc
 
 ZST_SUFFIXES = (".zst", ".zstd")
@@ -76,26 +76,16 @@ def common_base(patterns: list[str], files: list[str]) -> str:
 
 
 def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line bytes without the newline)."""
-    with open(path, "rb") as fh:
-        stream: io.BufferedIOBase
-        if is_zst(path):
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh), 1 << 20)
-        else:
-            stream = fh
-        lineno = 0
-        try:
-            for raw in stream:
-                lineno += 1
-                if raw.endswith(b"\n"):
-                    raw = raw[:-1]
-                    if raw.endswith(b"\r"):
-                        raw = raw[:-1]
-                yield lineno, raw
-        except zstandard.ZstdError as exc:
-            raise DedupInputError(
-                f"{path}: corrupt zstd stream after line {lineno} ({exc}); re-download or remove the file"
-            ) from exc
+    """(1-based line number, raw line bytes without the newline or a CR before it).
+
+    The training reader's :func:`btlm_jax.data.slimpajama.iter_lines`, so both read a shard
+    the same way: every zstd frame, and a corrupt stream or one that ends inside a frame (a
+    truncated shard) is an error naming the file, whatever ``--on-bad-input`` says."""
+    try:
+        for lineno, raw in iter_lines(path):
+            yield lineno, raw[:-1] if raw.endswith(b"\r") else raw
+    except DataError as exc:
+        raise DedupInputError(str(exc)) from None
 
 
 @dataclass

@@ -21,12 +21,10 @@ Ray engine run the same code and produce identical files.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +37,21 @@ from .minhash import MinHasher, band_keys, optimal_bands_rows
 from .normalize import PUNCTUATION_CHOICES, normalize_for_matching
 
 RECORD_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("line", "<u4"), ("src", "<u4")])
+
+# Allowed values and lower bounds of the DedupConfig fields (the flag is --field-name).
+_CHOICES = {
+    "mode": ("global", "local"),
+    "engine": ("local", "ray"),
+    "ngram_unit": ("char", "word"),
+    "punctuation": PUNCTUATION_CHOICES,
+    "on_bad_input": ("fail", "skip"),
+}
+_MINIMUMS = {"workers": 1, "num_perm": 1, "ngram": 1, "min_length": 0, "partitions": 1,
+             "batch_size": 1}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -76,18 +89,13 @@ class DedupConfig:
             bad("--input", "give at least one file or glob")
         if not self.output:
             bad("--output", "give an output directory")
-        if self.mode not in ("global", "local"):
-            bad("--mode", f"must be 'global' or 'local', got {self.mode!r}")
-        if self.engine not in ("local", "ray"):
-            bad("--engine", f"must be 'local' or 'ray', got {self.engine!r}")
-        if self.workers < 1:
-            bad("--workers", f"must be >= 1, got {self.workers}")
-        if self.num_perm < 1:
-            bad("--num-perm", f"must be >= 1, got {self.num_perm}")
-        if self.ngram < 1:
-            bad("--ngram", f"must be >= 1, got {self.ngram}")
-        if self.ngram_unit not in ("char", "word"):
-            bad("--ngram-unit", f"must be 'char' or 'word', got {self.ngram_unit!r}")
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                bad(_flag(name), f"must be {' or '.join(map(repr, choices))}, got {value!r}")
+        for name, least in _MINIMUMS.items():
+            if getattr(self, name) < least:
+                bad(_flag(name), f"must be >= {least}, got {getattr(self, name)}")
         if self.threshold is not None:
             if not 0.0 < self.threshold < 1.0:
                 bad("--threshold", f"must be strictly between 0 and 1, got {self.threshold}")
@@ -100,16 +108,6 @@ class DedupConfig:
                 f"{self.bands} x {self.rows} = {self.bands * self.rows} needs more than "
                 f"--num-perm {self.num_perm} permutations; lower them or raise --num-perm",
             )
-        if self.min_length < 0:
-            bad("--min-length", f"must be >= 0, got {self.min_length}")
-        if self.punctuation not in PUNCTUATION_CHOICES:
-            bad("--punctuation", f"must be one of {PUNCTUATION_CHOICES}, got {self.punctuation!r}")
-        if self.on_bad_input not in ("fail", "skip"):
-            bad("--on-bad-input", f"must be 'fail' or 'skip', got {self.on_bad_input!r}")
-        if self.partitions < 1:
-            bad("--partitions", f"must be >= 1, got {self.partitions}")
-        if self.batch_size < 1:
-            bad("--batch-size", f"must be >= 1, got {self.batch_size}")
         return self
 
     def hash_params(self) -> dict:
@@ -128,103 +126,133 @@ def _bad_input_error(path: str, lineno: int, detail: str) -> dio.DedupInputError
 # ----------------------------------------------------------------------------- stage 0/1
 
 
+def _parsed_ok(parsed: dio.ParsedLine, path: str, lineno: int, cfg: DedupConfig, bad: list) -> bool:
+    """True for a good line; a bad one raises (``--on-bad-input fail``) or is listed in ``bad``."""
+    if parsed.status == dio.OK:
+        return True
+    if cfg.on_bad_input == "fail":
+        raise _bad_input_error(path, lineno, parsed.detail)
+    bad.append((lineno, dio.BAD_REASONS[parsed.status], parsed.detail))
+    return False
+
+
+def _digest(norm: str) -> bytes:
+    return hashlib.sha256(norm.encode("utf-8")).digest()
+
+
 def hash_holdout_file(path: str, *, cfg: DedupConfig) -> dict:
     """SHA-256 digests of the matching form of every document of a holdout file."""
     digests, bad = [], []
     for lineno, raw in dio.iter_raw_lines(path):
         parsed = dio.parse_line(raw)
-        if parsed.status != dio.OK:
-            if cfg.on_bad_input == "fail":
-                raise _bad_input_error(path, lineno, parsed.detail)
-            bad.append((lineno, dio.BAD_REASONS[parsed.status], parsed.detail))
+        if _parsed_ok(parsed, path, lineno, cfg, bad):
+            digests.append(_digest(normalize_for_matching(parsed.text, cfg.punctuation)))
+    return {"digests": digests, "bad": bad, "docs": len(digests)}
+
+
+class _BandKeyBatcher:
+    """MinHash band keys of documents in batches of ``cfg.batch_size``: one record array
+    ``(bands, batch)`` of (key, line, source) per batch."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+        self.hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.ngram_unit, cfg.seed)
+        self.pieces: list[np.ndarray] = []
+        self.texts: list[str] = []
+        self.lines: list[int] = []
+        self.srcs: list[int] = []
+
+    def add(self, text: str, line: int, src: int) -> None:
+        self.texts.append(text)
+        self.lines.append(line)
+        self.srcs.append(src)
+        if len(self.texts) >= self.cfg.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.texts:
+            return
+        sig = self.hasher.signatures(self.texts)
+        hi, lo = band_keys(sig, self.cfg.bands, self.cfg.rows)
+        rec = np.empty((self.cfg.bands, len(self.texts)), dtype=RECORD_DTYPE)
+        rec["hi"], rec["lo"] = hi, lo
+        rec["line"] = np.asarray(self.lines, dtype=np.uint32)[None, :]
+        rec["src"] = np.asarray(self.srcs, dtype=np.uint32)[None, :]
+        self.pieces.append(rec)
+        self.texts, self.lines, self.srcs = [], [], []
+
+
+@dataclass
+class _FileScan:
+    """Per line of one input file: status, source id and bytes; the source names and bad lines."""
+
+    status: list = field(default_factory=list)
+    src: list = field(default_factory=list)
+    nbytes: list = field(default_factory=list)
+    names: dict = field(default_factory=dict)
+    bad: list = field(default_factory=list)
+
+
+def _scan_file(path: str, cfg: DedupConfig, holdout, batcher: _BandKeyBatcher) -> _FileScan:
+    """Parses, filters and classifies every line; good documents go to ``batcher``."""
+    scan = _FileScan()
+    for lineno, raw in dio.iter_raw_lines(path):
+        parsed = dio.parse_line(raw)
+        sid = scan.names.setdefault(parsed.source, len(scan.names))
+        scan.src.append(sid)
+        scan.nbytes.append(parsed.nbytes)
+        if not _parsed_ok(parsed, path, lineno, cfg, scan.bad):
+            scan.status.append(parsed.status)
             continue
         norm = normalize_for_matching(parsed.text, cfg.punctuation)
-        digests.append(hashlib.sha256(norm.encode("utf-8")).digest())
-    return {"digests": digests, "bad": bad, "docs": len(digests)}
+        if len(norm) < cfg.min_length:
+            scan.status.append(dio.SHORT)
+        elif holdout is not None and _digest(norm) in holdout:
+            scan.status.append(dio.CONTAMINATED)
+        else:
+            scan.status.append(dio.OK)
+            batcher.add(norm, lineno - 1, sid)
+    batcher.flush()
+    return scan
+
+
+def _partition_records(pieces: list[np.ndarray], bands: int, P: int) -> tuple[np.ndarray, np.ndarray]:
+    """The records sorted by (band, partition) and flattened, with the ``(bands, P + 1)``
+    offsets of each band partition."""
+    index = np.zeros((bands, P + 1), dtype=np.int64)
+    if not pieces:
+        return np.empty(0, dtype=RECORD_DTYPE), index
+    rec = np.concatenate(pieces, axis=1)  # (bands, n_ok)
+    part = (rec["hi"] % np.uint64(P)).astype(np.int64)
+    order = np.argsort(part, axis=1, kind="stable")
+    rec = np.take_along_axis(rec, order, axis=1)
+    counts = np.stack([np.bincount(p, minlength=P) for p in part])
+    index[:, 1:] = np.cumsum(counts, axis=1)
+    index += (np.arange(bands, dtype=np.int64) * rec.shape[1])[:, None]
+    return rec.reshape(-1), index
 
 
 def hash_file(file_idx: int, path: str, *, cfg: DedupConfig, work_dir: str, holdout=None) -> dict:
     """Stage 1 for one input file; see the module docstring."""
     t0 = time.perf_counter()
-    hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.ngram_unit, cfg.seed)
-    status, src, nbytes = [], [], []
-    names: dict[str, int] = {}
-    bad = []
-    pieces = []  # record arrays, one per batch
-    batch_texts: list[str] = []
-    batch_lines: list[int] = []
-    batch_src: list[int] = []
-
-    def flush():
-        if not batch_texts:
-            return
-        sig = hasher.signatures(batch_texts)
-        hi, lo = band_keys(sig, cfg.bands, cfg.rows)
-        rec = np.empty((cfg.bands, len(batch_texts)), dtype=RECORD_DTYPE)
-        rec["hi"], rec["lo"] = hi, lo
-        rec["line"] = np.asarray(batch_lines, dtype=np.uint32)[None, :]
-        rec["src"] = np.asarray(batch_src, dtype=np.uint32)[None, :]
-        pieces.append(rec)
-        batch_texts.clear(), batch_lines.clear(), batch_src.clear()
-
-    bytes_in = 0
-    for lineno, raw in dio.iter_raw_lines(path):
-        parsed = dio.parse_line(raw)
-        sid = names.setdefault(parsed.source, len(names))
-        src.append(sid)
-        nbytes.append(parsed.nbytes)
-        bytes_in += parsed.nbytes
-        if parsed.status != dio.OK:
-            if cfg.on_bad_input == "fail":
-                raise _bad_input_error(path, lineno, parsed.detail)
-            bad.append((lineno, dio.BAD_REASONS[parsed.status], parsed.detail))
-            status.append(parsed.status)
-            continue
-        norm = normalize_for_matching(parsed.text, cfg.punctuation)
-        if len(norm) < cfg.min_length:
-            status.append(dio.SHORT)
-            continue
-        if holdout is not None and hashlib.sha256(norm.encode("utf-8")).digest() in holdout:
-            status.append(dio.CONTAMINATED)
-            continue
-        status.append(dio.OK)
-        batch_texts.append(norm)
-        batch_lines.append(lineno - 1)
-        batch_src.append(sid)
-        if len(batch_texts) >= cfg.batch_size:
-            flush()
-    flush()
-
-    # Records sorted by (band, partition), with offsets per (band, partition).
-    P = cfg.partitions
-    index = np.zeros((cfg.bands, P + 1), dtype=np.int64)
-    if pieces:
-        rec = np.concatenate(pieces, axis=1)  # (bands, n_ok)
-        part = (rec["hi"] % np.uint64(P)).astype(np.int64)
-        order = np.argsort(part, axis=1, kind="stable")
-        rec = np.take_along_axis(rec, order, axis=1)
-        counts = np.stack([np.bincount(p, minlength=P) for p in part])
-        index[:, 1:] = np.cumsum(counts, axis=1)
-        index += (np.arange(cfg.bands, dtype=np.int64) * rec.shape[1])[:, None]
-        rec = rec.reshape(-1)
-    else:
-        rec = np.empty(0, dtype=RECORD_DTYPE)
+    batcher = _BandKeyBatcher(cfg)
+    scan = _scan_file(path, cfg, holdout, batcher)
+    rec, index = _partition_records(batcher.pieces, cfg.bands, cfg.partitions)
     stem = f"{file_idx:06d}"
     rec.tofile(os.path.join(work_dir, "hash", stem + ".bin"))
     np.savez(
         os.path.join(work_dir, "meta", stem + ".npz"),
-        status=np.asarray(status, dtype=np.uint8),
-        src=np.asarray(src, dtype=np.uint32),
-        nbytes=np.asarray(nbytes, dtype=np.int64),
+        status=np.asarray(scan.status, dtype=np.uint8),
+        src=np.asarray(scan.src, dtype=np.uint32),
+        nbytes=np.asarray(scan.nbytes, dtype=np.int64),
     )
-    n_ok = int(sum(1 for s in status if s == dio.OK))
     return {
-        "lines": len(status),
-        "ok": n_ok,
-        "bytes": bytes_in,
-        "sources": list(names),
+        "lines": len(scan.status),
+        "ok": int(sum(1 for s in scan.status if s == dio.OK)),
+        "bytes": int(sum(scan.nbytes)),
+        "sources": list(scan.names),
         "index": index,
-        "bad": bad,
+        "bad": scan.bad,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -329,6 +357,18 @@ def write_file(file_idx: int, path: str, out_path: str, roots: np.ndarray, doc_s
 # ----------------------------------------------------------------------------- driver
 
 
+def _resolve_inputs(cfg: DedupConfig) -> tuple[list[str], list[str]]:
+    """The input and holdout files, which must not overlap."""
+    files = dio.expand_inputs(cfg.inputs)
+    holdout_files = dio.expand_inputs(cfg.holdout) if cfg.holdout else []
+    overlap = set(files) & set(holdout_files)
+    if overlap:
+        raise dio.DedupInputError(
+            f"--holdout: {sorted(overlap)[0]} is also an --input file; holdout and training must differ"
+        )
+    return files, holdout_files
+
+
 def _prepare_output(cfg: DedupConfig, files: list[str]) -> tuple[str, str]:
     out = os.path.abspath(cfg.output)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -340,6 +380,12 @@ def _prepare_output(cfg: DedupConfig, files: list[str]) -> tuple[str, str]:
             f"--output {cfg.output}: would overwrite the input files; choose a different directory"
         )
     if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
+        leftover = os.path.join(out, ".dedup_work")
+        if os.path.isdir(leftover):
+            raise dio.DedupInputError(
+                f"--output {cfg.output}: holds {leftover}, the scratch directory of a run that did "
+                "not finish; remove it (and that run's partial output) or pass --overwrite"
+            )
         raise dio.DedupInputError(
             f"--output {cfg.output}: directory is not empty; choose a new one or pass --overwrite"
         )
@@ -352,134 +398,206 @@ def _prepare_output(cfg: DedupConfig, files: list[str]) -> tuple[str, str]:
     return out, work
 
 
+def _discard_failed_run(cfg: DedupConfig, out: str, work: str, outputs: list[str],
+                        existed: set[str], created_out: bool) -> None:
+    """After a failure: removes the scratch directory (unless --keep-work) and every output
+    file this run created, so that the rerun starts clean."""
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    for path in outputs:
+        for p in (path + ".tmp",) + (() if path in existed else (path,)):
+            if os.path.isfile(p):
+                os.unlink(p)
+        parent = os.path.dirname(path)
+        while parent.startswith(out + os.sep) and os.path.isdir(parent) and not os.listdir(parent):
+            os.rmdir(parent)
+            parent = os.path.dirname(parent)
+    if created_out and os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
+
+
 def _category_stats(mask, src, nbytes, n_sources):
     docs = np.bincount(src[mask], minlength=n_sources)
     byts = np.bincount(src[mask], weights=nbytes[mask], minlength=n_sources).astype(np.int64)
     return docs, byts
 
 
-def run_dedup(cfg: DedupConfig) -> dict:
-    """Runs the whole pipeline; returns the contents of stats.json."""
-    cfg.validate()
-    t_start = time.perf_counter()
-    files = dio.expand_inputs(cfg.inputs)
-    holdout_files = dio.expand_inputs(cfg.holdout) if cfg.holdout else []
-    overlap = set(files) & set(holdout_files)
-    if overlap:
-        raise dio.DedupInputError(
-            f"--holdout: {sorted(overlap)[0]} is also an --input file; holdout and training must differ"
-        )
-    out, work = _prepare_output(cfg, files)
-    base = dio.common_base(cfg.inputs, files)
-    relpaths = [os.path.relpath(f, base) for f in files]
-    engine = make_engine(cfg.engine, cfg.workers, cfg.ray_address)
-    stages = {}
-    try:
-        # Stage 0: holdout digests for exact decontamination.
-        holdout = None
-        holdout_bad = []
-        if holdout_files:
-            prog = Progress("0/4 holdout", len(holdout_files), "file", cfg.progress)
-            digests = set()
-            for i, res in engine.map(hash_holdout_file, [(p,) for p in holdout_files], {"cfg": cfg}):
-                digests.update(res["digests"])
-                holdout_bad += [(holdout_files[i],) + b for b in res["bad"]]
-                prog.update(1, docs=res["docs"])
-            holdout = frozenset(digests)
-            stages["holdout"] = prog.close()
+REPORT_FILES = ("duplicates.jsonl", "bad_input.jsonl", "stats.json")
 
-        # Stage 1: parse, filter, MinHash, band keys.
-        prog = Progress("1/4 hash", len(files), "file", cfg.progress)
-        summaries = [None] * len(files)
-        tasks = [(i, p) for i, p in enumerate(files)]
-        for i, res in engine.map(hash_file, tasks, {"cfg": cfg, "work_dir": work, "holdout": holdout}):
+
+class _DedupRun:
+    """One run of the pipeline: its files and directories, the engine, and what each stage
+    hands to the next (attributes set by the stage methods, in order)."""
+
+    def __init__(self, cfg: DedupConfig, files: list[str], holdout_files: list[str], out: str,
+                 work: str):
+        self.cfg, self.files, self.holdout_files, self.out, self.work = (
+            cfg, files, holdout_files, out, work)
+        base = dio.common_base(cfg.inputs, files)
+        self.relpaths = [os.path.relpath(f, base) for f in files]
+        self.stages: dict[str, dict] = {}
+        self.engine = None
+
+    def outputs(self) -> list[str]:
+        """Every file the run may write below the output directory."""
+        return [os.path.join(self.out, r) for r in self.relpaths + list(REPORT_FILES)]
+
+    def _progress(self, stage: str, total: int, unit: str) -> Progress:
+        return Progress(stage, total, unit, self.cfg.progress)
+
+    def run_stages(self) -> None:
+        self.engine = make_engine(self.cfg.engine, self.cfg.workers, self.cfg.ray_address)
+        try:
+            for stage in (self.holdout, self.hash, self.lsh, self.components, self.write):
+                stage()
+        finally:
+            self.engine.shutdown()
+
+    def holdout(self) -> None:
+        """Stage 0: holdout digests for exact decontamination."""
+        self.holdout_digests, self.holdout_bad = None, []
+        if not self.holdout_files:
+            return
+        prog = self._progress("0/4 holdout", len(self.holdout_files), "file")
+        digests = set()
+        tasks = [(p,) for p in self.holdout_files]
+        for i, res in self.engine.map(hash_holdout_file, tasks, {"cfg": self.cfg}):
+            digests.update(res["digests"])
+            self.holdout_bad += [(self.holdout_files[i],) + b for b in res["bad"]]
+            prog.update(1, docs=res["docs"])
+        self.holdout_digests = frozenset(digests)
+        self.stages["holdout"] = prog.close()
+
+    def hash(self) -> None:
+        """Stage 1: parse, filter, MinHash, band keys; then global document numbering."""
+        prog = self._progress("1/4 hash", len(self.files), "file")
+        summaries = [None] * len(self.files)
+        common = {"cfg": self.cfg, "work_dir": self.work, "holdout": self.holdout_digests}
+        for i, res in self.engine.map(hash_file, list(enumerate(self.files)), common):
             summaries[i] = res
             prog.update(1, docs=res["lines"], nbytes=res["bytes"])
-        stages["hash"] = prog.close()
-
+        self.stages["hash"] = prog.close()
+        self.summaries = summaries
+        self._check_has_documents()
         counts = np.array([s["lines"] for s in summaries], dtype=np.int64)
-        offsets = np.zeros(len(files) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        n_docs = int(offsets[-1])
-        source_names = sorted({name for s in summaries for name in s["sources"]})
-        gid = {name: j for j, name in enumerate(source_names)}
-        src_maps = [np.array([gid[n] for n in s["sources"]], dtype=np.int64) for s in summaries]
+        self.offsets = np.zeros(len(self.files) + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.offsets[1:])
+        self.n_docs = int(self.offsets[-1])
+        self.source_names = sorted({name for s in summaries for name in s["sources"]})
+        gid = {name: j for j, name in enumerate(self.source_names)}
+        self.src_maps = [np.array([gid[n] for n in s["sources"]], dtype=np.int64) for s in summaries]
 
-        # Stage 2: LSH, band by band and partition by partition.
+    def _check_has_documents(self) -> None:
+        lines = sum(s["lines"] for s in self.summaries)
+        if lines > sum(len(s["bad"]) for s in self.summaries):
+            return
+        what = f"{lines} lines, all bad input" if lines else "no lines"
+        raise dio.DedupInputError(
+            f"--input {' '.join(self.cfg.inputs)}: the {len(self.files)} matched file(s) hold no "
+            f"documents ({what}); check the glob and the files"
+        )
+
+    def lsh(self) -> None:
+        """Stage 2: LSH, band by band and partition by partition."""
+        summaries = self.summaries
         with_docs = [i for i, s in enumerate(summaries) if s["ok"]]
         index = np.stack([summaries[i]["index"] for i in with_docs]) if with_docs else None
-        tasks = [(b, p, index[:, b, p:p + 2] if with_docs else np.zeros((0, 2), np.int64))
-                 for b in range(cfg.bands) for p in range(cfg.partitions)]
-        prog = Progress("2/4 lsh", len(tasks), "part", cfg.progress)
-        candidate_pairs = 0
-        common = {"work_dir": work, "files": with_docs, "offsets": offsets,
-                  "src_maps": src_maps if cfg.mode == "local" else None}
-        for _, res in engine.map(lsh_partition, tasks, common):
-            candidate_pairs += res["edges"]
+        self.lsh_tasks = [(b, p, index[:, b, p:p + 2] if with_docs else np.zeros((0, 2), np.int64))
+                          for b in range(self.cfg.bands) for p in range(self.cfg.partitions)]
+        prog = self._progress("2/4 lsh", len(self.lsh_tasks), "part")
+        self.candidate_pairs = 0
+        common = {"work_dir": self.work, "files": with_docs, "offsets": self.offsets,
+                  "src_maps": self.src_maps if self.cfg.mode == "local" else None}
+        for _, res in self.engine.map(lsh_partition, self.lsh_tasks, common):
+            self.candidate_pairs += res["edges"]
             prog.update(1, docs=res["records"])
-        stages["lsh"] = prog.close()
+        self.stages["lsh"] = prog.close()
 
-        # Stage 3: connected components over all candidate pairs.
-        prog = Progress("3/4 components", len(tasks), "part", cfg.progress)
+    def components(self) -> None:
+        """Stage 3: connected components over all candidate pairs."""
+        n_docs, offsets = self.n_docs, self.offsets
+        prog = self._progress("3/4 components", len(self.lsh_tasks), "part")
         uf = UnionFind(n_docs)
-        for b, p, _ in tasks:
-            edges = np.load(os.path.join(work, "edges", f"b{b:03d}_p{p:04d}.npy"))
-            uf.union_edges(edges)
+        for b, p, _ in self.lsh_tasks:
+            uf.union_edges(np.load(os.path.join(self.work, "edges", f"b{b:03d}_p{p:04d}.npy")))
             prog.update(1)
-        roots = uf.roots()
-        status = np.empty(n_docs, dtype=np.uint8)
-        src = np.empty(n_docs, dtype=np.int64)
-        nbytes = np.empty(n_docs, dtype=np.int64)
-        for f in range(len(files)):
-            meta = np.load(os.path.join(work, "meta", f"{f:06d}.npz"))
+        self.roots = uf.roots()
+        self.status = np.empty(n_docs, dtype=np.uint8)
+        self.src = np.empty(n_docs, dtype=np.int64)
+        self.nbytes = np.empty(n_docs, dtype=np.int64)
+        for f in range(len(self.files)):
+            meta = np.load(os.path.join(self.work, "meta", f"{f:06d}.npz"))
             sl = slice(offsets[f], offsets[f + 1])
-            status[sl], src[sl], nbytes[sl] = meta["status"], src_maps[f][meta["src"]], meta["nbytes"]
-        ok = status == dio.OK
-        sizes = np.bincount(roots[ok], minlength=n_docs)
-        is_dup = ok & (roots != np.arange(n_docs))
-        stages["components"] = prog.close()
+            self.status[sl], self.nbytes[sl] = meta["status"], meta["nbytes"]
+            self.src[sl] = self.src_maps[f][meta["src"]]
+        self.ok = self.status == dio.OK
+        self.sizes = np.bincount(self.roots[self.ok], minlength=n_docs)
+        self.is_dup = self.ok & (self.roots != np.arange(n_docs))
+        self.stages["components"] = prog.close()
 
-        # Stage 4: write kept documents and duplicates.
-        prog = Progress("4/4 write", len(files), "file", cfg.progress)
+    def write(self) -> None:
+        """Stage 4: write kept documents and duplicates."""
+        prog = self._progress("4/4 write", len(self.files), "file")
         tasks = []
-        for f, path in enumerate(files):
-            sl = slice(offsets[f], offsets[f + 1])
-            r = roots[sl]
-            tasks.append((f, path, os.path.join(out, relpaths[f])))
-            tasks[-1] += (r, src[sl], src[r], sizes[r])
-        common = {"cfg": cfg, "work_dir": work, "offsets": offsets, "relpaths": relpaths,
-                  "source_names": source_names}
-        written = [None] * len(files)
-        for i, res in engine.map(write_file, tasks, common):
-            written[i] = res
+        for f, path in enumerate(self.files):
+            r = self.roots[self.offsets[f]:self.offsets[f + 1]]
+            tasks.append((f, path, os.path.join(self.out, self.relpaths[f]),
+                          r, self.src[self.offsets[f]:self.offsets[f + 1]], self.src[r], self.sizes[r]))
+        common = {"cfg": self.cfg, "work_dir": self.work, "offsets": self.offsets,
+                  "relpaths": self.relpaths, "source_names": self.source_names}
+        self.written = [None] * len(self.files)
+        for i, res in self.engine.map(write_file, tasks, common):
+            self.written[i] = res
             prog.update(1, docs=res["lines"])
-        stages["write"] = prog.close()
-    finally:
-        engine.shutdown()
+        self.stages["write"] = prog.close()
 
-    n_kept = sum(w["kept"] for w in written)
-    n_dups = sum(w["duplicates"] for w in written)
-    if n_kept != int((ok & ~is_dup).sum()) or n_dups != int(is_dup.sum()):
-        raise RuntimeError("internal error: written document counts disagree with the components")
+    def report(self, t_start: float) -> dict:
+        """Checks the written counts and writes duplicates.jsonl, bad_input.jsonl, stats.json."""
+        n_kept = sum(w["kept"] for w in self.written)
+        n_dups = sum(w["duplicates"] for w in self.written)
+        if n_kept != int((self.ok & ~self.is_dup).sum()) or n_dups != int(self.is_dup.sum()):
+            raise RuntimeError("internal error: written document counts disagree with the components")
+        with open(os.path.join(self.out, "duplicates.jsonl"), "w", encoding="utf-8") as fh:
+            for f in range(len(self.files)):
+                with open(os.path.join(self.work, "dups", f"{f:06d}.jsonl"), encoding="utf-8") as part:
+                    shutil.copyfileobj(part, fh)
+        bad_records = [(self.files[i],) + b for i, s in enumerate(self.summaries) for b in s["bad"]]
+        bad_records += self.holdout_bad
+        if bad_records:
+            with open(os.path.join(self.out, "bad_input.jsonl"), "w", encoding="utf-8") as fh:
+                for path, lineno, reason, detail in bad_records:
+                    fh.write(json.dumps({"file": path, "line": lineno, "reason": reason,
+                                         "detail": detail}, ensure_ascii=False) + "\n")
+        stats = _build_stats(self.cfg, self.files, self.source_names, self.status, self.src,
+                             self.nbytes, self.is_dup, self.roots, self.ok, self.sizes,
+                             self.candidate_pairs, self.holdout_files, self.holdout_digests,
+                             self.holdout_bad)
+        stats["run"] = {"engine": self.cfg.engine, "workers": self.cfg.workers,
+                        "seconds": round(time.perf_counter() - t_start, 4), "stages": self.stages}
+        with open(os.path.join(self.out, "stats.json"), "w", encoding="utf-8") as fh:
+            json.dump(stats, fh, indent=2)
+            fh.write("\n")
+        return stats
 
-    with open(os.path.join(out, "duplicates.jsonl"), "w", encoding="utf-8") as fh:
-        for f in range(len(files)):
-            with open(os.path.join(work, "dups", f"{f:06d}.jsonl"), encoding="utf-8") as part:
-                shutil.copyfileobj(part, fh)
-    bad_records = [(files[i],) + b for i, s in enumerate(summaries) for b in s["bad"]] + holdout_bad
-    if bad_records:
-        with open(os.path.join(out, "bad_input.jsonl"), "w", encoding="utf-8") as fh:
-            for path, lineno, reason, detail in bad_records:
-                fh.write(json.dumps({"file": path, "line": lineno, "reason": reason, "detail": detail},
-                                    ensure_ascii=False) + "\n")
 
-    stats = _build_stats(cfg, files, source_names, status, src, nbytes, is_dup, roots, ok, sizes,
-                         candidate_pairs, holdout_files, holdout, holdout_bad)
-    stats["run"] = {"engine": cfg.engine, "workers": cfg.workers,
-                    "seconds": round(time.perf_counter() - t_start, 4), "stages": stages}
-    with open(os.path.join(out, "stats.json"), "w", encoding="utf-8") as fh:
-        json.dump(stats, fh, indent=2)
-        fh.write("\n")
+def run_dedup(cfg: DedupConfig) -> dict:
+    """Runs the whole pipeline; returns the contents of stats.json.
+
+    A failed run removes its scratch directory (unless ``keep_work``) and the output files it
+    created, so the same command can simply be rerun."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    files, holdout_files = _resolve_inputs(cfg)
+    created_out = not os.path.exists(cfg.output)
+    out, work = _prepare_output(cfg, files)
+    run = _DedupRun(cfg, files, holdout_files, out, work)
+    existed = {p for p in run.outputs() if os.path.exists(p)}
+    try:
+        run.run_stages()
+        stats = run.report(t_start)
+    except BaseException:
+        _discard_failed_run(cfg, out, work, run.outputs(), existed, created_out)
+        raise
     if not cfg.keep_work:
         shutil.rmtree(work)
     return stats
