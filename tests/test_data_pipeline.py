@@ -301,3 +301,18 @@ def test_epoch_order_is_a_fresh_permutation_each_epoch(monkeypatch, dense):
         assert sorted(e) == list(range(n))
     assert not (epochs[0] == epochs[1]).all() and not (epochs[0] == np.arange(n)).all()
     np.testing.assert_array_equal(order([80, 3, 40]), got[[80, 3, 40]])  # random access
+
+
+def test_store_build_with_worker_processes_is_identical(tmp_path):
+    from btlm_jax.data import store
+
+    cfg = _cfg(tmp_path, _write(tmp_path, {"A": _docs(random.Random(9), 600, 0, 50, "a")}),
+               packing="document")
+    corpus = pipeline.load_corpus(cfg, cfg.data.train, "data.train")
+    out = {}
+    for w in (0, 2):
+        store.build(corpus, BYTES, tmp_path / f"s{w}", seq_len=40, packing="document",
+                    num_workers=w)
+        out[w] = {p.name: p.read_bytes() for p in (tmp_path / f"s{w}").iterdir()
+                  if p.suffix == ".bin"}
+    assert out[0] == out[2] and len(out[0]) == 3
