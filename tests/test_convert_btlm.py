@@ -64,9 +64,22 @@ def test_3b_8k_tensor_names_and_shapes_match_published_layout():
 
 
 def test_3b_8k_config_matches_published_config():
-    c = hf.hf_config(preset_3b().model, "btlm")
+    m = preset_3b().model
+    assert m.train_seq_len > 0  # a PI reference length, not a request for dynamic scaling
+    c = hf.hf_config(m, "btlm")
     for k, v in PUBLISHED.items():
         assert c[k] == pytest.approx(v) if isinstance(v, float) else c[k] == v, k
+    assert c["alibi_scaling"] is None  # as published: no dynamic PI switched on for HF users
+
+
+def test_export_writes_alibi_scaling_only_when_the_run_asks():
+    m = small_cfg().model
+    m.train_seq_len = 64
+    assert hf.hf_config(m, "btlm")["alibi_scaling"] is None
+    m.alibi_scaling_train_seq_len = 32
+    assert hf.hf_config(m, "btlm")["alibi_scaling"] == {"type": "linear", "train_seq_len": 32}
+    m.alibi_scaling_train_seq_len, m.alibi_scaling = 0, 2.0
+    assert hf.hf_config(m, "btlm")["alibi_scaling"] == {"type": "linear", "factor": 2.0}
 
 
 @pytest.mark.parametrize("published", [PUBLISHED, PUBLISHED_OLD])
@@ -86,8 +99,12 @@ def test_published_config_imports_as_the_3b_8k_preset(published):
 def test_alibi_scaling_keys_import():
     _, ov = hf.model_overrides({**PUBLISHED, "alibi_scaling": {"type": "linear", "factor": 4.0}})
     assert ov["alibi_scaling"] == 4.0
+    assert ov["alibi_scaling_train_seq_len"] == 0
     _, ov = hf.model_overrides({**PUBLISHED, "alibi_scaling": {"type": "linear", "train_seq_len": 8192}})
     assert ov["train_seq_len"] == 8192 and ov["alibi_scaling"] == 1.0
+    assert ov["alibi_scaling_train_seq_len"] == 8192  # dynamic: applied in every forward
+    _, ov = hf.model_overrides({**PUBLISHED, "alibi_scaling": None})
+    assert ov["alibi_scaling"] == 1.0 and ov["alibi_scaling_train_seq_len"] == 0
     with pytest.raises(hf.ConversionError, match="alibi_scaling"):
         hf.model_overrides({**PUBLISHED, "alibi_scaling": {"type": "dynamic", "factor": 2.0}})
 

@@ -294,3 +294,80 @@ def test_reference_sees_stored_slopes_and_dynamic_scaling(tmp_path):
                   reference_logits(t, c, ids, scaling=False)):
         with pytest.raises(AssertionError):
             assert_logits_close(other, want)
+
+
+def test_sharded_bin_and_safetensors_read_like_the_single_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from btlm_jax.convert import hf
+
+    write_published_btlm(tmp_path / "one")
+    write_published_btlm(tmp_path / "bin", shards=3)
+    one = hf.read_tensors(tmp_path / "one")
+    assert one["transformer.relative_pe.slopes"].dtype.name == "bfloat16"  # stored dtype kept
+    sharded = hf.read_tensors(tmp_path / "bin")
+    assert sorted(sharded) == sorted(one)
+    for k in one:
+        np.testing.assert_array_equal(sharded[k], one[k], err_msg=k)
+    # safetensors shards + model.safetensors.index.json (lm_head left out: tied)
+    st = tmp_path / "st"
+    st.mkdir()
+    sd = torch.load(tmp_path / "one" / "pytorch_model.bin", weights_only=True)
+    sd.pop("lm_head.weight")
+    names, weight_map = sorted(sd), {}
+    for s in range(2):
+        fname = f"model-{s + 1:05d}-of-00002.safetensors"
+        save_file({k: sd[k].contiguous() for k in names[s::2]}, str(st / fname))
+        weight_map.update({k: fname for k in names[s::2]})
+    (st / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    got = hf.read_tensors(st)
+    assert sorted(got) == sorted(k for k in one if k != "lm_head.weight")
+    for k in got:
+        np.testing.assert_array_equal(got[k], one[k], err_msg=k)
+    # a shard named in the index but absent is named
+    (st / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(hf.ConversionError, match="model-00002-of-00002.safetensors is listed"):
+        hf.read_tensors(st)
+
+
+class _NotATensor:
+    pass
+
+
+def test_bin_is_never_fully_unpickled_and_missing_torch_is_named(tmp_path, monkeypatch):
+    from btlm_jax.convert import hf
+
+    (tmp_path / "evil").mkdir()
+    torch.save({"transformer.wte.weight": torch.zeros(2, 2), "x": _NotATensor()},
+               tmp_path / "evil" / "pytorch_model.bin")
+    with pytest.raises(hf.ConversionError, match=r"weights_only=True"):
+        hf.read_tensors(tmp_path / "evil")
+    write_published_btlm(tmp_path / "hf")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(hf.ConversionError, match=r"pytorch_model.bin.*pip install 'btlm_jax\[hf\]'"):
+        hf.read_tensors(tmp_path / "hf")
+
+
+def test_slopes_checked_at_their_stored_precision(tmp_path):
+    from btlm_jax.convert import hf
+
+    std = standard_slopes(N_HEAD)
+    bf16 = torch.tensor(std)[:, None].to(torch.bfloat16)
+    # bf16-rounded slopes (off by up to 0.4%) are accepted at bf16 precision and carried
+    carried = hf.checked_slopes({"transformer.relative_pe.slopes": hf_array(bf16)}, N_HEAD)
+    np.testing.assert_array_equal(carried, bf16.float().numpy()[:, 0])
+    # exact float32 slopes need not be carried; the same 0.4% error in float32 is refused
+    assert hf.checked_slopes({"transformer.relative_pe.slopes": std[:, None].astype(np.float32)},
+                             N_HEAD) == ()
+    with pytest.raises(hf.ConversionError, match="float32 precision"):
+        hf.checked_slopes({"transformer.relative_pe.slopes":
+                           bf16.float().numpy().astype(np.float32)}, N_HEAD)
+    # slopes of another head count or order are refused, naming the tensor
+    with pytest.raises(hf.ConversionError, match="relative_pe.slopes are not the standard"):
+        hf.checked_slopes({"transformer.relative_pe.slopes": hf_array(bf16.flip(0))}, N_HEAD)
+
+
+def hf_array(t):
+    import ml_dtypes
+
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
