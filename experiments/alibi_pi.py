@@ -5,7 +5,8 @@ length with and without interpolation.
 
 Claim (Al-Khateeb et al., "Position Interpolation Improves ALiBi Extrapolation"): dividing the
 ALiBi slopes by L / L_train at an evaluation length L > L_train lowers the loss beyond the
-training length. Writes ``OUT/results.jsonl`` (one line per trained model, with the loss per
+training length. The model and grid are ``configs/experiments/alibi_pi.py``. Writes
+``OUT/results.jsonl`` (one line per trained model, with the loss per
 length and setting, the per-position losses, and a partial-interpolation diagnostic at the
 longest length: slopes divided by (L / L_train) ** alpha for alpha from 0 to 1),
 ``OUT/summary.json`` and ``OUT/figures/alibi_loss_vs_length.png``,
@@ -20,17 +21,11 @@ two); ``--train-len N`` sets the training length directly.
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from experiments import common
-from launch import sweep
-
-FACTORS = (1, 2, 4, 8)
-
+from btlm_jax.experiments import recipes, runner
 
 ALPHAS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 
@@ -73,56 +68,6 @@ def evaluate_lengths(workdir, cfg, train_result, *, lengths, eval_tokens, max_ba
     return {"evals": evals, "strength": strength}
 
 
-def models(scale: float) -> list[dict]:
-    s = max(scale, 0.25)
-    return [{"d_model": 16 * max(1, round(4 * s)), "n_layers": max(1, round(2 * s))},
-            {"d_model": 16 * max(1, round(8 * s)), "n_layers": max(1, round(4 * s))}]
-
-
-def plan(args) -> tuple[list[sweep.Task], dict]:
-    out = Path(args.out)
-    s = max(args.scale, 0.25)
-    train_len = int(2 ** round(math.log2(128 * max(1.0, s))))
-    if getattr(args, "train_len", 0):
-        if args.train_len < 8:
-            raise common.ExperimentError(f"--train-len={args.train_len}: must be >= 8")
-        train_len = int(args.train_len)
-    vocab = 2048 * int(min(4, max(1, round(s))))
-    steps, batch = int(1000 * s), 16
-    eval_batch, eval_batches = 8, 8
-    eval_tokens = 32768 * max(1, round(s))  # per evaluation length
-    mods = models(args.scale)
-    if args.smoke:
-        train_len, steps, batch, eval_batch, eval_batches, eval_tokens = 16, 4, 4, 2, 1, 256
-        mods = [{"d_model": 32, "n_layers": 1}]
-    lengths = [train_len * f for f in FACTORS]
-    data = common.prepare_data(args.data, out)
-    tok = common.tokenizer_for(data["train"], vocab)
-    common.index_eval(data["eval"])
-    tasks = []
-    for m in mods:
-        ov = {**common.model_overrides(m["d_model"], m["n_layers"], vocab, mup=True,
-                                       base_d_model=m["d_model"]),
-              **common.run_overrides(steps=steps, batch=batch, data=data, tokenizer=tok,
-                                     seq_len=train_len, evals=1, eval_batches=eval_batches,
-                                     eval_batch=eval_batch, seed=args.seed),
-              "optim.peak_lr": 1e-2, "optim.schedule": "d2z",
-              "model.max_seq_len": max(lengths)}
-        name = sweep.run_name({"d_model": m["d_model"], "n_layers": m["n_layers"],
-                               "train_len": train_len})
-        tasks.append(sweep.Task(
-            name=name, workdir=str(out / "runs" / name), overrides=ov,
-            meta={**m, "train_len": train_len, "steps": steps},
-            post="experiments.alibi_pi:evaluate_lengths",
-            post_args={"lengths": lengths, "eval_tokens": eval_tokens, "max_batch": 8,
-                       "buckets": 16},
-            cost=float(steps * m["d_model"] ** 2 * m["n_layers"])))
-    info = {"experiment": "alibi_pi", "data": data["name"], "scale": args.scale,
-            "train_len": train_len, "lengths": lengths, "steps": steps, "batch": batch,
-            "vocab": vocab, "smoke": bool(args.smoke)}
-    return tasks, info
-
-
 # ----------------------------------------------------------------------------------------------
 # Analysis (also used by notebooks/repro_alibi_pi.ipynb).
 
@@ -159,11 +104,9 @@ def summarize(results: Sequence[dict]) -> dict:
 
 
 def plot(results: Sequence[dict], fig_dir: Path, prefix: str = "alibi") -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = recipes.pyplot()
 
     ok = [r for r in results if r.get("status") == "ok" and "post" in r]
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -176,12 +119,9 @@ def plot(results: Sequence[dict], fig_dir: Path, prefix: str = "alibi") -> list[
     if ok:
         ax.axvline(ok[0]["meta"]["train_len"], color="k", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel("validation loss")
-    ax.set_title("ALiBi: loss vs evaluation length (dotted: training length)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    paths = [common.save_figure(fig, fig_dir, f"{prefix}_loss_vs_length.png")]
+    recipes.finish_axes(ax, "evaluation length (tokens)", "validation loss",
+                        "ALiBi: loss vs evaluation length (dotted: training length)")
+    paths = [recipes.save_figure(fig, fig_dir, f"{prefix}_loss_vs_length.png")]
 
     fig, axes = plt.subplots(1, max(1, len(ok)), figsize=(5.5 * max(1, len(ok)), 4), squeeze=False)
     for ax, r in zip(axes[0], ok):
@@ -197,13 +137,10 @@ def plot(results: Sequence[dict], fig_dir: Path, prefix: str = "alibi") -> list[
                     if e["position_interpolation"] else "no PI",
                     color="C1" if e["position_interpolation"] else "C0")
         ax.axvline(lt, color="k", lw=0.8, ls=":")
-        ax.set_xlabel("position")
-        ax.set_ylabel(f"loss (moving average over {w} positions)")
-        ax.set_title(f"d{r['meta']['d_model']} x {r['meta']['n_layers']}L at length {longest} "
-                     f"(trained at {lt})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    paths.append(common.save_figure(fig, fig_dir, f"{prefix}_per_position.png"))
+        recipes.finish_axes(ax, "position", f"loss (moving average over {w} positions)",
+                            f"d{r['meta']['d_model']} x {r['meta']['n_layers']}L at length "
+                            f"{longest} (trained at {lt})")
+    paths.append(recipes.save_figure(fig, fig_dir, f"{prefix}_per_position.png"))
     return paths
 
 
@@ -218,35 +155,18 @@ def report(summary: dict) -> str:
             lines.append(f"  partial interpolation at L={r['strength'][0]['length']}, slopes / "
                          "(L/L_train)^alpha: " + ", ".join(
                              f"alpha {e['alpha']:g}: {e['loss']:.4f}" for e in r["strength"]))
-    lines.append(f"PI lowers the loss at every length beyond training, for every model: "
-                 f"{summary['claim_held']}")
-    return "\n".join(lines)
+    return recipes.verdict(lines, "PI lowers the loss at every length beyond training, for "
+                           "every model", summary["claim_held"])
+
+
+def analyze(results: Sequence[dict], info: dict, out: Path) -> tuple[dict, list[str], str]:
+    """The runner's analysis step: summary, figures, report."""
+    summary = summarize(results)
+    return summary, plot(results, Path(out) / "figures"), report(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = common.parser(__doc__.split("\n\n")[0], "alibi_pi")
-    p.add_argument("--train-len", type=int, default=0,
-                   help="training length (default 128 x scale, a power of two); evaluation at 1, 2, "
-                   "4 and 8 times it")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    try:
-        tasks, info = plan(args)
-    except (common.ExperimentError, sweep.SweepError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    common.log(f"[alibi_pi] {len(tasks)} runs trained at {info['train_len']}, evaluated at "
-               f"{info['lengths']}; data: {info['data']}; out: {out}")
-    results, complete = sweep.launch(tasks, out, args, job_name="alibi_pi", log=common.log)
-    if args.slurm and not complete:
-        return 0
-    if results:
-        summary = summarize(results)
-        (out / "summary.json").write_text(json.dumps({**info, **summary}, indent=1))
-        figs = plot(results, out / "figures")
-        common.log(report(summary))
-        common.log("figures: " + ", ".join(figs))
-    return common.finish(out, complete, len(results), len(tasks), args.slurm)
+    return runner.main("alibi_pi", argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ dataset sizes (tokens per parameter).
 
 Claim (Bergsma et al., "Straight to Zero"): at each schedule's best peak LR, linear D2Z reaches
 the lowest validation loss, and its margin (over 10x linear decay) grows with tokens per
-parameter. Writes ``OUT/results.jsonl`` (one line per run), ``OUT/ct_curves.jsonl`` (the EMA
+parameter. The model and grid are ``configs/experiments/d2z.py``. Writes ``OUT/results.jsonl``
+(one line per run), ``OUT/ct_curves.jsonl`` (the EMA
 coefficients c_{T,i} of each schedule at its best LR), ``OUT/summary.json`` and
 ``OUT/figures/d2z_loss_vs_lr.png``, ``OUT/figures/d2z_ct_curves.png``.
 
@@ -27,84 +28,17 @@ parameter (at most 20 and 80, the paper's); ``--tpp`` and ``--lrs`` set them dir
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from experiments import common
-from launch import sweep
+from btlm_jax.experiments import recipes, runner
+from btlm_jax.experiments.data import write_jsonl
+from btlm_jax.experiments.overrides import load_config
 
 SCHEDULES = ("d2z", "linear_10x", "cosine_10x", "wsd", "constant")
-DEFAULT_LRS = (3e-3, 6e-3, 1.2e-2, 2.4e-2)
-WEIGHT_DECAY = 1.0  # see the docstring: keeps tau_iter / T below 1 at these short runs
 COLORS = {"d2z": "C3", "linear_10x": "C0", "cosine_10x": "C2", "wsd": "C1", "constant": "C7"}
-
-
-def sizes(scale: float) -> dict:
-    s = max(scale, 0.25)
-    return {"d_model": 16 * max(1, round(4 * s)), "n_layers": max(2, round(2 * s)),
-            "vocab": 1024 * int(min(8, max(1, round(s)))), "batch": 16 * max(1, round(s)),
-            "tpp": (min(20.0, 2.0 * s), min(80.0, 8.0 * s))}
-
-
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise common.ExperimentError(f"--{name}={text!r}: expected comma-separated numbers") from None
-    if not vals or min(vals) <= 0:
-        raise common.ExperimentError(f"--{name}={text!r}: values must be positive")
-    return vals
-
-
-def plan(args) -> tuple[list[sweep.Task], dict]:
-    out = Path(args.out)
-    sz = sizes(args.scale)
-    schedules = list(SCHEDULES)
-    lrs = _floats(args.lrs, "lrs") if args.lrs else list(DEFAULT_LRS)
-    tpps = _floats(args.tpp, "tpp") if args.tpp else list(sz["tpp"])
-    if args.schedules:
-        schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
-        bad = [s for s in schedules if s not in SCHEDULES]
-        if bad:
-            raise common.ExperimentError(f"--schedules: unknown {bad}; choose from {SCHEDULES}")
-    if args.smoke:
-        sz.update(d_model=32, n_layers=1, batch=4)
-        schedules, lrs, tpps = ["d2z", "constant"], [1e-2], [0.05]
-    wd = float(args.wd) if args.wd is not None else WEIGHT_DECAY
-    if wd < 0:
-        raise common.ExperimentError(f"--wd={wd}: weight decay must be >= 0")
-    data = common.prepare_data(args.data, out)
-    tok = common.tokenizer_for(data["train"], sz["vocab"])
-    common.index_eval(data["eval"])
-    model = common.model_overrides(sz["d_model"], sz["n_layers"], sz["vocab"], mup=True,
-                                   base_d_model=sz["d_model"])
-    n_params = common.count_params(model)
-    tokens_per_step = sz["batch"] * common.SEQ_LEN
-    tasks = []
-    for tpp in tpps:
-        steps = common.steps_for_tpp(tpp, n_params, tokens_per_step)
-        if args.smoke:
-            steps = 6
-        run = common.run_overrides(steps=steps, batch=sz["batch"], data=data, tokenizer=tok,
-                                   evals=1 if args.smoke else 4,
-                                   eval_batches=2 if args.smoke else 16,
-                                   eval_batch=4 if args.smoke else 8, seed=args.seed)
-        run["optim.weight_decay"] = wd
-        for point in sweep.expand_grid({"optim.schedule": schedules, "optim.peak_lr": lrs}):
-            meta = {"tpp": tpp, "schedule": point["optim.schedule"],
-                    "peak_lr": point["optim.peak_lr"], "steps": steps}
-            name = sweep.run_name({"tpp": tpp, **point})
-            tasks.append(sweep.Task(name=name, workdir=str(out / "runs" / name),
-                                    overrides={**model, **run, **point}, meta=meta,
-                                    cost=float(steps)))
-    info = {"experiment": "d2z", "data": data["name"], "scale": args.scale, "num_params": n_params,
-            "model": {k.split(".", 1)[1]: v for k, v in model.items()},
-            "tokens_per_step": tokens_per_step, "tpp": tpps, "lrs": lrs,
-            "schedules": schedules, "weight_decay": wd, "smoke": bool(args.smoke)}
-    return tasks, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +101,8 @@ def ct_curves(results: Sequence[dict], summary: dict, max_points: int = 2000) ->
     for sched, b in best.items():
         r = next(r for r in results if r["meta"]["tpp"] == tpp and r["meta"]["schedule"] == sched
                  and r["meta"]["peak_lr"] == b["peak_lr"])
-        cfg = sweep.apply_overrides(sweep.load_preset("configs/btlm.py", "tiny"), r["overrides"])
+        cfg = load_config(recipes.BASE_CONFIG, {k: v for k, v in r["overrides"].items()
+                                                if k.startswith("optim.")})
         steps = int(r["steps"])
         lrs = lr_sequence(optim.build_schedule(cfg, steps), steps)
         wd = float(cfg.optim.weight_decay)
@@ -182,10 +117,7 @@ def ct_curves(results: Sequence[dict], summary: dict, max_points: int = 2000) ->
 
 def plot(results: Sequence[dict], summary: dict, curves: Sequence[dict], fig_dir: Path,
          prefix: str = "d2z") -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = recipes.pyplot()
 
     tpps = summary["tpp"]
     fig, axes = plt.subplots(1, len(tpps), figsize=(4.6 * len(tpps), 3.8), squeeze=False,
@@ -202,13 +134,12 @@ def plot(results: Sequence[dict], summary: dict, curves: Sequence[dict], fig_dir
         grid = sorted({r["meta"]["peak_lr"] for r in results if r["meta"]["tpp"] == tpp})
         ax.set_xticks(grid, [f"{x:g}" for x in grid])
         ax.minorticks_off()
-        ax.set_xlabel("peak learning rate")
-        ax.set_title(f"{tpp:g} tokens / parameter")
-        ax.grid(alpha=0.3)
+        recipes.finish_axes(ax, "peak learning rate", title=f"{tpp:g} tokens / parameter",
+                            legend=False)
     axes[0][0].set_ylabel("validation loss")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Validation loss vs peak LR, one line per schedule")
-    paths = [common.save_figure(fig, fig_dir, f"{prefix}_loss_vs_lr.png")]
+    paths = [recipes.save_figure(fig, fig_dir, f"{prefix}_loss_vs_lr.png")]
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for c in curves:
@@ -216,18 +147,13 @@ def plot(results: Sequence[dict], summary: dict, curves: Sequence[dict], fig_dir
         a1.plot(x[1:], c["lr"][1:], color=COLORS.get(c["schedule"]),
                 label=f"{c['schedule']} (peak {c['peak_lr']:.3g})")
         a2.plot(x[1:], c["c"][1:], color=COLORS.get(c["schedule"]), label=c["schedule"])
-    a1.set_xlabel("step / T")
-    a1.set_ylabel("learning rate")
-    a1.set_title("schedules at their best peak LR")
-    a1.legend(fontsize=8)
-    a2.set_xlabel("update i / T")
-    a2.set_ylabel("$c_{T,i}$ (weight of update i in $\\theta_T$)")
+    recipes.finish_axes(a1, "step / T", "learning rate", "schedules at their best peak LR")
+    recipes.finish_axes(a2, "update i / T", "$c_{T,i}$ (weight of update i in $\\theta_T$)",
+                        legend=False)
     a2.set_yscale("log")
     if curves:
         a2.set_title(f"EMA coefficients, {curves[0]['tpp']:g} TPP, wd {curves[0]['weight_decay']:g}")
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-    paths.append(common.save_figure(fig, fig_dir, f"{prefix}_ct_curves.png"))
+    paths.append(recipes.save_figure(fig, fig_dir, f"{prefix}_ct_curves.png"))
     return paths
 
 
@@ -243,42 +169,22 @@ def report(summary: dict) -> str:
             lines.append(f"  D2Z margin over linear_10x: {e['margin_vs_linear_10x']:+.4f} "
                          f"({e['margin_vs_linear_10x_pct']:+.2f}%); over the best other: "
                          f"{e.get('margin_vs_best_other', float('nan')):+.4f}")
-    lines.append(f"D2Z lowest at every size: {summary['d2z_lowest_at_every_size']}; margin over "
-                 f"linear_10x grows with TPP: {summary['margin_vs_linear_10x_grows']}; claim held: "
-                 f"{summary['claim_held']}")
-    return "\n".join(lines)
+    return recipes.verdict(lines, f"D2Z lowest at every size: "
+                           f"{summary['d2z_lowest_at_every_size']}; margin over linear_10x grows "
+                           f"with TPP: {summary['margin_vs_linear_10x_grows']}; claim held",
+                           summary["claim_held"])
+
+
+def analyze(results: Sequence[dict], info: dict, out: Path) -> tuple[dict, list[str], str]:
+    """The runner's analysis step: summary, ``OUT/ct_curves.jsonl``, figures, report."""
+    summary = summarize(results)
+    curves = ct_curves(results, summary)
+    write_jsonl(Path(out) / "ct_curves.jsonl", curves)
+    return summary, plot(results, summary, curves, Path(out) / "figures"), report(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = common.parser(__doc__.split("\n\n")[0], "d2z")
-    p.add_argument("--lrs", default="", help="peak LRs, comma separated (default: %s)" %
-                   ",".join(f"{x:g}" for x in DEFAULT_LRS))
-    p.add_argument("--tpp", default="", help="tokens per parameter, comma separated")
-    p.add_argument("--schedules", default="", help="subset of " + ",".join(SCHEDULES))
-    p.add_argument("--wd", type=float, default=None,
-                   help=f"AdamW weight decay lambda (default {WEIGHT_DECAY})")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    try:
-        tasks, info = plan(args)
-    except (common.ExperimentError, sweep.SweepError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    common.log(f"[d2z] {len(tasks)} runs; {info['num_params']:,} parameters; "
-               f"TPP {info['tpp']} -> steps {sorted({t.meta['steps'] for t in tasks})}; data: "
-               f"{info['data']}; out: {out}")
-    results, complete = sweep.launch(tasks, out, args, job_name="d2z", log=common.log)
-    if args.slurm and not complete:
-        return 0
-    if results:
-        summary = summarize(results)
-        curves = ct_curves(results, summary)
-        common.write_jsonl(out / "ct_curves.jsonl", curves)
-        (out / "summary.json").write_text(json.dumps({**info, **summary}, indent=1))
-        figs = plot(results, summary, curves, out / "figures")
-        common.log(report(summary))
-        common.log("figures: " + ", ".join(figs))
-    return common.finish(out, complete, len(results), len(tasks), args.slurm)
+    return runner.main("d2z", argv)
 
 
 if __name__ == "__main__":

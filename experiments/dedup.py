@@ -13,6 +13,8 @@ took RedPajama from 1.21T to 627B tokens). Writes ``OUT/corpus/{raw,local,global
 ``OUT/dedup_stats.json`` (removal per source), ``OUT/results.jsonl``, ``OUT/summary.json``,
 ``OUT/figures/dedup_removal.png``, ``OUT/figures/dedup_val_loss.png``.
 
+The model and grid are ``configs/experiments/dedup.py``; :func:`prepare` builds the corpora.
+
 Default (scale 1, about 12 minutes on an idle 2-core CPU): width 64 x 2 layers, vocabulary 1024,
 600 steps of 16 x 128 tokens on raw, locally and globally deduplicated data, seeds 0 and 1.
 """
@@ -27,8 +29,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from experiments import common
-from launch import sweep
+from btlm_jax.experiments import recipes, runner
+from btlm_jax.experiments.data import index_eval, read_documents, write_jsonl
 
 CORPORA = ("raw", "local", "global")
 WITHIN_FRACTION = 0.10
@@ -45,7 +47,7 @@ def near_copy(text: str, rng: random.Random) -> str:
 
 def build_corpus(train_glob: str, out: Path, *, seed: int = 0, max_docs: int = 0) -> dict:
     """Writes ``OUT/corpus/raw/<source>.jsonl``; returns counts of originals and copies."""
-    docs = [(s, t) for s, t in common.read_documents(train_glob) if len(t) >= MIN_CHARS]
+    docs = [(s, t) for s, t in read_documents(train_glob) if len(t) >= MIN_CHARS]
     rng = random.Random(seed)
     rng.shuffle(docs)
     if max_docs:
@@ -79,7 +81,7 @@ def build_corpus(train_glob: str, out: Path, *, seed: int = 0, max_docs: int = 0
         shutil.rmtree(raw)
     for s, recs in by_src.items():
         rng.shuffle(recs)
-        common.write_jsonl(raw / f"{s}.jsonl", recs)
+        write_jsonl(raw / f"{s}.jsonl", recs)
     return counts
 
 
@@ -93,7 +95,7 @@ def dedup(out: Path, mode: str, workers: int) -> dict:
                                  mode=mode, workers=max(1, workers), progress=False))
 
 
-def prepare(args, out: Path, data: dict, max_docs: int) -> dict:
+def build_and_dedup(args, out: Path, data: dict, max_docs: int) -> dict:
     """Builds the corpus and both deduplicated versions once (kept across reruns)."""
     stats_path = out / "dedup_stats.json"
     if stats_path.exists():
@@ -122,42 +124,19 @@ def removal_rates(stats: dict) -> dict:
     return out
 
 
-def plan(args) -> tuple[list[sweep.Task], dict]:
-    out = Path(args.out)
-    s = max(args.scale, 0.25)
-    d_model, n_layers, vocab = 16 * max(1, round(4 * s)), max(2, round(2 * s)), 1024
-    steps, batch, seeds, max_docs = int(600 * s), 16, [args.seed, args.seed + 1], 0
-    corpora = list(CORPORA)
-    eval_batch, eval_batches, evals = 8, 16, 4
-    if args.smoke:
-        d_model, n_layers, steps, batch, seeds, max_docs = 32, 1, 4, 4, [args.seed], 80
-        corpora, eval_batch, eval_batches, evals = ["local", "global"], 4, 1, 1
-    data = common.prepare_data(args.data, out)
-    tok = common.tokenizer_for(data["train"], vocab)
-    common.index_eval(data["eval"])
-    stats = prepare(args, out, data, max_docs)
-    model = common.model_overrides(d_model, n_layers, vocab, mup=True, base_d_model=d_model)
-    tasks = []
+def prepare(args, out: Path, data: dict, *, corpora: Sequence[str], max_docs: int) -> dict:
+    """The runner's prepare hook: the corpora (built and deduplicated once) as a ``corpus`` axis
+    setting ``data.train`` to each corpus' source shards, and the removal rates as info."""
+    stats = build_and_dedup(args, Path(out), data, max_docs)
+    axis = {}
     for corpus in corpora:
-        cdir = out / "corpus" / corpus
+        cdir = Path(out) / "corpus" / corpus
         # the source shards only (the dedup output also holds duplicates.jsonl and stats.json)
         glob = ",".join(str(cdir / f"{src}.jsonl") for src in sorted(stats["counts"]))
-        cdata = {"train": glob, "eval": data["eval"]}
-        common.index_eval(glob)
-        for seed in seeds:
-            run = common.run_overrides(steps=steps, batch=batch, data=cdata, tokenizer=tok,
-                                       evals=evals, eval_batches=eval_batches,
-                                       eval_batch=eval_batch, seed=seed)
-            meta = {"corpus": corpus, "seed": seed, "steps": steps}
-            name = sweep.run_name(meta)
-            tasks.append(sweep.Task(name=name, workdir=str(out / "runs" / name),
-                                    overrides={**model, **run, "optim.peak_lr": 1e-2},
-                                    meta=meta, cost=float(steps)))
-    info = {"experiment": "dedup", "data": data["name"], "scale": args.scale, "d_model": d_model,
-            "n_layers": n_layers, "steps": steps, "seeds": seeds, "corpora": corpora,
-            "smoke": bool(args.smoke), "removal": removal_rates(stats),
-            "counts": stats["counts"]}
-    return tasks, info
+        index_eval(glob)  # build the document index once here, not in every run
+        axis[corpus] = {"data.train": glob}
+    return {"axes": {"corpus": axis},
+            "info": {"removal": removal_rates(stats), "counts": stats["counts"]}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,11 +165,9 @@ def summarize(results: Sequence[dict], removal: dict) -> dict:
 
 
 def plot(summary: dict, fig_dir: Path, prefix: str = "dedup") -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = recipes.pyplot()
 
     rem = summary["removal"]
     srcs = [s for s in rem.get("global", {}) if s != "all"] + ["all"]
@@ -201,11 +178,8 @@ def plot(summary: dict, fig_dir: Path, prefix: str = "dedup") -> list[str]:
             ax.bar(x + (k - 0.5) * 0.38, [100 * rem[mode][s]["documents"] for s in srcs], 0.38,
                    label=f"{mode} dedup", color=f"C{k}")
     ax.set_xticks(x, srcs, rotation=15, fontsize=8)
-    ax.set_ylabel("documents removed (%)")
-    ax.set_title("Removal rate per source")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    paths = [common.save_figure(fig, fig_dir, f"{prefix}_removal.png")]
+    recipes.finish_axes(ax, "", "documents removed (%)", "Removal rate per source", grid_axis="y")
+    paths = [recipes.save_figure(fig, fig_dir, f"{prefix}_removal.png")]
 
     fig, ax = plt.subplots(figsize=(4.8, 3.8))
     corp = [c for c in CORPORA if c in summary["val_loss"]]
@@ -219,10 +193,9 @@ def plot(summary: dict, fig_dir: Path, prefix: str = "dedup") -> list[str]:
         hi = max(max(v) for v in summary["val_loss"].values())
         pad = max(0.02, (hi - lo))
         ax.set_ylim(lo - pad, hi + pad)
-    ax.set_ylabel("validation loss (common held-out set)")
-    ax.set_title("Same model, same steps, by training corpus")
-    ax.grid(alpha=0.3, axis="y")
-    paths.append(common.save_figure(fig, fig_dir, f"{prefix}_val_loss.png"))
+    recipes.finish_axes(ax, "", "validation loss (common held-out set)",
+                        "Same model, same steps, by training corpus", legend=False, grid_axis="y")
+    paths.append(recipes.save_figure(fig, fig_dir, f"{prefix}_val_loss.png"))
     return paths
 
 
@@ -235,31 +208,18 @@ def report(summary: dict) -> str:
     for c, v in summary["val_loss"].items():
         lines.append(f"  trained on {c:<6}: val loss {summary['val_loss_mean'][c]:.4f} "
                      f"(seeds: {', '.join(f'{x:.4f}' for x in v)})")
-    lines.append(f"global dedup removes at least as much as local from every source: "
-                 f"{summary['global_removes_at_least_local_everywhere']}")
-    return "\n".join(lines)
+    return recipes.verdict(lines, "global dedup removes at least as much as local from every "
+                           "source", summary["global_removes_at_least_local_everywhere"])
+
+
+def analyze(results: Sequence[dict], info: dict, out: Path) -> tuple[dict, list[str], str]:
+    """The runner's analysis step: summary, figures, report."""
+    summary = summarize(results, info["removal"])
+    return summary, plot(summary, Path(out) / "figures"), report(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = common.parser(__doc__.split("\n\n")[0], "dedup")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    try:
-        tasks, info = plan(args)
-    except (common.ExperimentError, sweep.SweepError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    common.log(f"[dedup] {len(tasks)} runs on {info['corpora']}; data: {info['data']}; out: {out}")
-    results, complete = sweep.launch(tasks, out, args, job_name="dedup", log=common.log)
-    if args.slurm and not complete:
-        return 0
-    if results:
-        summary = summarize(results, info["removal"])
-        (out / "summary.json").write_text(json.dumps({**info, **summary}, indent=1))
-        figs = plot(summary, out / "figures")
-        common.log(report(summary))
-        common.log("figures: " + ", ".join(figs))
-    return common.finish(out, complete, len(results), len(tasks), args.slurm)
+    return runner.main("dedup", argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ parametrisation (SP).
 Claim (BTLM; Yang et al., Tensor Programs V): under muP the best LR stays put as the model
 widens; under SP it drifts (usually down). muP here is BTLM's: base width = the narrowest width,
 hidden-matrix init and LR scaled by 1/width multiplier, embedding x 14.6, logits x 2.22/w,
-attention 1/d_head; SP: init std 0.02, one LR, 1/sqrt(d_head). Writes ``OUT/results.jsonl``,
+attention 1/d_head; SP: init std 0.02, one LR, 1/sqrt(d_head). The model and grid are
+``configs/experiments/mup.py``. Writes ``OUT/results.jsonl``,
 ``OUT/summary.json`` and ``OUT/figures/mup_lr_transfer.png``.
 
 Default (scale 1, about 25 minutes on an idle 2-core CPU): widths 64, 128, 256 (2 layers,
@@ -16,55 +17,12 @@ vocabulary 1024), 6 peak LRs from 1.25e-3 to 4e-2, 150 steps of 16 x 128 tokens,
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from experiments import common
-from launch import sweep
-
-DEFAULT_LRS = (1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2)
-
-
-def plan(args) -> tuple[list[sweep.Task], dict]:
-    out = Path(args.out)
-    s = max(args.scale, 0.25)
-    base = 16 * max(1, round(4 * s))
-    widths = [base, 2 * base, 4 * base]
-    n_layers, vocab, steps, batch = 2, 1024, int(150 * s), 16
-    lrs = list(DEFAULT_LRS)
-    if args.lrs:
-        try:
-            lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
-        except ValueError:
-            raise common.ExperimentError(f"--lrs={args.lrs!r}: expected numbers") from None
-    eval_batch, eval_batches = 8, 8
-    if args.smoke:
-        widths, n_layers, steps, batch, lrs = [32], 1, 4, 4, [1e-2]
-        eval_batch, eval_batches = 4, 1
-    data = common.prepare_data(args.data, out)
-    tok = common.tokenizer_for(data["train"], vocab)
-    common.index_eval(data["eval"])
-    tasks = []
-    for param in ("mup", "sp"):
-        for width in widths:
-            model = common.model_overrides(width, n_layers, vocab, mup=param == "mup",
-                                           base_d_model=widths[0])
-            run = common.run_overrides(steps=steps, batch=batch, data=data, tokenizer=tok,
-                                       evals=1, eval_batches=eval_batches, eval_batch=eval_batch,
-                                       seed=args.seed)
-            for lr in lrs:
-                meta = {"param": param, "width": width, "peak_lr": lr, "steps": steps}
-                name = sweep.run_name(meta)
-                tasks.append(sweep.Task(name=name, workdir=str(out / "runs" / name),
-                                        overrides={**model, **run, "optim.peak_lr": lr},
-                                        meta=meta, cost=float(steps * (width + 64) ** 2)))
-    info = {"experiment": "mup", "data": data["name"], "scale": args.scale, "widths": widths,
-            "n_layers": n_layers, "vocab": vocab, "steps": steps, "lrs": lrs,
-            "smoke": bool(args.smoke)}
-    return tasks, info
+from btlm_jax.experiments import recipes, runner
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,10 +81,7 @@ def summarize(results: Sequence[dict]) -> dict:
 
 
 def plot(results: Sequence[dict], summary: dict, fig_dir: Path, prefix: str = "mup") -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = recipes.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), sharey=True)
     for ax, param, title in zip(axes, ("sp", "mup"), ("standard parametrisation", "muP")):
@@ -141,13 +96,11 @@ def plot(results: Sequence[dict], summary: dict, fig_dir: Path, prefix: str = "m
             if b["fit"]:
                 ax.axvline(b["fit"], color=f"C{i}", ls=":", lw=1)
         ax.set_xscale("log")
-        ax.set_xlabel("peak learning rate")
         d = summary.get(param, {}).get("drift_log2")
-        ax.set_title(f"{title}" + (f" (best-LR drift {d:+.2f} doublings)" if d is not None else ""))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        recipes.finish_axes(ax, "peak learning rate", title=f"{title}" + (
+            f" (best-LR drift {d:+.2f} doublings)" if d is not None else ""))
     axes[0].set_ylabel("validation loss")
-    paths = [common.save_figure(fig, fig_dir, f"{prefix}_lr_transfer.png")]
+    paths = [recipes.save_figure(fig, fig_dir, f"{prefix}_lr_transfer.png")]
     return paths
 
 
@@ -164,33 +117,18 @@ def report(summary: dict) -> str:
         if s["drift_log2"] is not None:
             lines.append(f"  best-LR drift narrowest->widest {s['drift_log2']:+.2f} doublings, "
                          f"spread {s['spread_log2']:.2f}")
-    lines.append(f"best LR stable under muP (spread <= 1 doubling) and less stable under SP: "
-                 f"{summary['claim_held']}")
-    return "\n".join(lines)
+    return recipes.verdict(lines, "best LR stable under muP (spread <= 1 doubling) and less "
+                           "stable under SP", summary["claim_held"])
+
+
+def analyze(results: Sequence[dict], info: dict, out: Path) -> tuple[dict, list[str], str]:
+    """The runner's analysis step: summary, figures, report."""
+    summary = summarize(results)
+    return summary, plot(results, summary, Path(out) / "figures"), report(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = common.parser(__doc__.split("\n\n")[0], "mup")
-    p.add_argument("--lrs", default="", help="peak LRs, comma separated")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    try:
-        tasks, info = plan(args)
-    except (common.ExperimentError, sweep.SweepError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    common.log(f"[mup] {len(tasks)} runs: widths {info['widths']} x {len(info['lrs'])} LRs x "
-               f"muP/SP; data: {info['data']}; out: {out}")
-    results, complete = sweep.launch(tasks, out, args, job_name="mup", log=common.log)
-    if args.slurm and not complete:
-        return 0
-    if results:
-        summary = summarize(results)
-        (out / "summary.json").write_text(json.dumps({**info, **summary}, indent=1))
-        figs = plot(results, summary, out / "figures")
-        common.log(report(summary))
-        common.log("figures: " + ", ".join(figs))
-    return common.finish(out, complete, len(results), len(tasks), args.slurm)
+    return runner.main("mup", argv)
 
 
 if __name__ == "__main__":

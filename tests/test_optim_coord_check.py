@@ -3,7 +3,7 @@
 import pytest
 
 from btlm_jax.config import default_config
-from btlm_jax.optim import coord_check
+from btlm_jax.experiments import coord_check
 
 
 def small_cfg():

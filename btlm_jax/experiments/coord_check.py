@@ -1,6 +1,6 @@
 """muP coordinate check: train a few steps at several widths, record activation size per layer.
 
-    python -m btlm_jax.optim.coord_check --config=configs/btlm.py:tiny \\
+    python -m btlm_jax.experiments.coord_check --config=configs/btlm.py:tiny \\
         [--widths=64,128,256,512] [--steps=4] [--out=coord_check] [--config.model.n_layers=2]
 
 For each width ``d`` the config's model is resized (``d_model = d``, ``d_ff`` keeping the

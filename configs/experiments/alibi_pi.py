@@ -1,0 +1,77 @@
+"""ALiBi position interpolation: train at a short length, evaluate at 1x, 2x, 4x and 8x that
+length with and without interpolation.
+
+The model (``get_config``: the first model) and the grid (``get_sweep``) of
+``python -m experiments.alibi_pi``; the evaluation at every length is the post-training hook
+``experiments.alibi_pi:evaluate_lengths``. Default (scale 1): two models (width 64 x 2 layers and
+width 128 x 4 layers, vocabulary 2048) trained at length 128 for 1000 steps of 16 sequences,
+evaluated at 128, 256, 512 and 1024 on the same 32k held-out tokens at every length. ``--scale S``
+multiplies the widths, the layer counts, the steps and the training length (rounded to a power of
+two); ``--train-len N`` (config argument ``train_len=N``) sets the training length directly.
+"""
+
+import math
+
+from btlm_jax.experiments import recipes
+from btlm_jax.experiments.data import ExperimentError
+
+NAME = "alibi_pi"
+ANALYSIS = "experiments.alibi_pi"
+FACTORS = (1, 2, 4, 8)
+
+
+def sizes(scale: float, smoke: bool = False, train_len: int = 0) -> dict:
+    s = max(scale, 0.25)
+    sz = {"train_len": int(train_len or 2 ** round(math.log2(128 * max(1.0, s)))),
+          "vocab": 2048 * int(min(4, max(1, round(s)))), "steps": int(1000 * s), "batch": 16,
+          "eval_batch": 8, "eval_batches": 8, "eval_tokens": 32768 * max(1, round(s)),
+          "models": [(16 * max(1, round(4 * s)), max(1, round(2 * s))),
+                     (16 * max(1, round(8 * s)), max(1, round(4 * s)))]}
+    if smoke:
+        sz.update(train_len=16, steps=4, batch=4, eval_batch=2, eval_batches=1, eval_tokens=256,
+                  models=[(32, 1)])
+    return sz
+
+
+def _model(d_model: int, n_layers: int, vocab: int) -> dict:
+    return recipes.model_overrides(d_model, n_layers, vocab, mup=True, base_d_model=d_model)
+
+
+def get_config(arg: str = ""):
+    a = recipes.parse_arg(arg)
+    sz = sizes(a["scale"], bool(a["smoke"]), int(a.get("train_len", 0)))
+    return recipes.build({
+        **_model(*sz["models"][0], sz["vocab"]),
+        **recipes.run_overrides(steps=sz["steps"], batch=sz["batch"], seq_len=sz["train_len"],
+                                evals=1, eval_batches=sz["eval_batches"],
+                                eval_batch=sz["eval_batch"]),
+        "optim.peak_lr": 1e-2, "optim.schedule": "d2z",
+        "model.max_seq_len": sz["train_len"] * max(FACTORS)})
+
+
+def add_options(p) -> None:
+    p.add_argument("--train-len", type=int, default=0,
+                   help="training length (default 128 x scale, a power of two); evaluated at 1, "
+                   "2, "
+                   "4 and 8 times it")
+
+
+def get_sweep(args) -> dict:
+    if args.train_len and args.train_len < 8:
+        raise ExperimentError(f"--train-len={args.train_len}: must be >= 8")
+    sz = sizes(args.scale, args.smoke, args.train_len)
+    lengths = [sz["train_len"] * f for f in FACTORS]
+    extra = {"train_len": args.train_len} if args.train_len else {}
+    arg = "smoke" if args.smoke else recipes.format_arg(scale=args.scale, **extra)
+    return {
+        "config_arg": arg,
+        "axes": {"model": {f"d{d}x{n}L": _model(d, n, sz["vocab"]) for d, n in sz["models"]}},
+        "meta_keys": {"d_model": "model.d_model", "n_layers": "model.n_layers",
+                      "train_len": "train.seq_len", "steps": "train.steps"},
+        "post": "experiments.alibi_pi:evaluate_lengths",
+        "post_args": {"lengths": lengths, "eval_tokens": sz["eval_tokens"], "max_batch": 8,
+                      "buckets": 16},
+        "info": {"train_len": sz["train_len"], "lengths": lengths, "steps": sz["steps"],
+                 "batch": sz["batch"], "vocab": sz["vocab"],
+                 "headline": f"trained at {sz['train_len']}, evaluated at {lengths}"},
+    }
