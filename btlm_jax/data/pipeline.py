@@ -1,34 +1,24 @@
-"""The training input pipeline (Grain): read, shard, shuffle, tokenize, pack, mix, batch, prefetch.
+"""The training input: step-keyed batches read from a packed token store.
 
-Per source ``s`` (a ``MapDataset`` over the documents of that source)::
+The global batch of step ``i`` is a pure function of (``seed``, the data config, ``train.phases``,
+``i``): the same for every number of processes and every device mesh. Each process reads only its
+rows of it (:class:`StepData`), so resuming needs no replay and no iterator state, and a
+checkpoint written by N processes resumes on M processes with the same batches.
 
-    documents of s -> [process_index::process_count] -> shuffle(seed) -> repeat (reshuffled
-    each epoch) -> groups of 32 documents -> tokenize (batched, in the workers)
-    -> to_iter_dataset -> pack into rows of seq_len tokens
+    corpus files --(once, cached)--> packed store per (corpus, tokenizer, seq_len, packing)
+        (btlm_jax.data.store: every document tokenized and packed into rows, memory-mapped)
+    step i -> phase, row range [j*B, (j+1)*B) of the phase's row sequence
+           -> sources by the mixture (mixtures.Interleave: exact proportions at every step)
+           -> row k of source s = stored row perm_epoch(k mod rows_s) (EpochOrder)
+           -> this process's rows [p*B/P, (p+1)*B/P)
 
-then the per-source row streams are mixed with the mixture weights (a deterministic weighted
-interleave, so a source with weight w supplies exactly a fraction w of the rows, hence of the
-tokens), batched to this process's share of the global batch and prefetched (``data.num_workers``
-worker processes via ``mp_prefetch``, else a background thread).
+Packing (``data.packing``, see :mod:`btlm_jax.data.store`): ``concat`` (BTLM: documents + EOS cut
+into rows) or ``document`` (whole documents, segment ids and per-document positions; attention
+must not cross segments).
 
-Packing (``data.packing``):
-
-* ``concat`` (BTLM): each document's tokens followed by EOS are concatenated into one stream and
-  cut into rows; row r has ``inputs = stream[rL:(r+1)L]``, ``targets = stream[rL+1:(r+1)L+1]``,
-  so every token is an input exactly once and a target exactly once. ``segment_ids`` are all 1,
-  ``positions`` 0..L-1.
-* ``document``: documents are placed whole into rows (a document longer than the free space of
-  an empty row is split); each document contributes ``inputs = [EOS] + ids``,
-  ``targets = ids + [EOS]``; ``segment_ids`` number the documents of a row 1, 2, ...
-  (0 = padding), ``positions`` restart at 0 in each segment. Attention must not cross segments.
-
-Every element is a dict of numpy arrays ``[b, seq_len]``: ``inputs``, ``targets`` (int32),
+Every batch is a dict of numpy arrays ``[rows, seq_len]``: ``inputs``, ``targets`` (int32),
 ``loss_mask`` (float32, 0 on padding), ``segment_ids``, ``positions`` (int32) and ``source_ids``
 (int32 index into :func:`source_names`; -1 on padding).
-
-The iterator's ``get_state()`` is a JSON-serialisable dict; ``set_state()`` restores it exactly
-(the following batches equal those of an uninterrupted run). Batches are a deterministic function
-of ``seed``, ``phase``, the data and the process index/count.
 """
 
 from __future__ import annotations
@@ -48,7 +38,6 @@ from btlm_jax.data.slimpajama import DataError
 
 log = logging.getLogger(__name__)
 
-DOCS_PER_TOKENIZE_BATCH = 32
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
 
 
@@ -130,269 +119,54 @@ def skipped_records(cfg) -> int:
     return load_corpus(cfg, train_spec(cfg), "data.train").skipped
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenization (a Grain transform; runs wherever the pipeline runs, i.e. in the workers).
-
-
-class TokenizeDocuments(grain.transforms.Map):
-    """An array of document indices -> list of int32 token arrays, each ending with EOS."""
-
-    def __init__(self, corpus: slimpajama.Corpus, tokenizer):
-        self.corpus, self.tokenizer = corpus, tokenizer
-
-    def map(self, doc_ids):
-        texts = [self.corpus.text(int(i)) for i in np.atleast_1d(doc_ids)]
-        eos = self.tokenizer.eos_id
-        return [np.asarray(ids + [eos], np.int32) for ids in self.tokenizer.encode_batch(texts)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Packing (an IterDataset whose state is: parent state before the current group of documents,
-# the document within the group, and the token offset within the document).
-
-
-class PackIterDataset(grain.IterDataset):
-    """Packs groups of token arrays (each ending with EOS) into rows of ``seq_len`` tokens."""
-
-    def __init__(self, parent: grain.IterDataset, *, seq_len: int, mode: str, source_id: int,
-                 eos_id: int):
-        super().__init__(parent)
-        if mode not in ("concat", "document"):
-            raise DataError(f"data.packing={mode!r}: must be concat or document")
-        self._seq_len, self._mode, self._source_id, self._eos = seq_len, mode, source_id, eos_id
-
-    def __iter__(self):
-        return _PackIterator(self._parent.__iter__(), self._seq_len, self._mode, self._source_id,
-                             self._eos)
-
-    def __str__(self):
-        return f"PackIterDataset(seq_len={self._seq_len}, mode={self._mode})"
-
-
-class _PackIterator(grain.DatasetIterator):
-
-    def __init__(self, parent, seq_len, mode, source_id, eos):
-        super().__init__(parent)
-        self._L, self._mode, self._src, self._eos = seq_len, mode, source_id, eos
-        self._groups: list[tuple[Any, list[np.ndarray]]] = []  # (parent state before, docs)
-        self._doc = 0  # document within self._groups[0]
-        self._off = 0  # token (concat) or pair (document) offset within that document
-
-    def _load(self) -> None:
-        state = self._parent.get_state()
-        docs = next(self._parent)
-        self._groups.append((state, list(docs)))
-
-    def _ensure(self, g: int) -> None:
-        while len(self._groups) <= g:
-            self._load()
-
-    def _normalise(self) -> None:
-        """Moves the cursor past exhausted documents/groups."""
-        while True:
-            self._ensure(0)
-            docs = self._groups[0][1]
-            if self._doc < len(docs) and self._off < self._doclen(docs[self._doc]):
-                return
-            if self._doc < len(docs):
-                self._doc, self._off = self._doc + 1, 0
-            if self._doc >= len(docs):
-                self._groups.pop(0)
-                self._doc, self._off = 0, 0
-
-    def _doclen(self, doc: np.ndarray) -> int:
-        return len(doc)  # concat: tokens; document: pairs (= len(ids) + 1 = len(ids + [eos]))
-
-    def _take_concat(self) -> dict[str, np.ndarray]:
-        L = self._L
-        out = np.empty(L + 1, np.int32)
-        self._normalise()
-        # Copy L + 1 tokens from the cursor; the next row starts at the (L+1)-th (it is this
-        # row's last target and the next row's first input).
-        g, d, o, n = 0, self._doc, self._off, 0
-        cursor = None
-        while n < L + 1:
-            self._ensure(g)
-            docs = self._groups[g][1]
-            if d >= len(docs):
-                g, d, o = g + 1, 0, 0
-                continue
-            doc = docs[d]
-            k = min(len(doc) - o, L + 1 - n)
-            if cursor is None and n + k >= L:
-                cursor = (g, d, o + (L - n))
-            out[n:n + k] = doc[o:o + k]
-            n, o = n + k, o + k
-            if o >= len(doc):
-                d, o = d + 1, 0
-        self._commit(*cursor)
-        return {"inputs": out[:L].copy(), "targets": out[1:].copy(),
-                "loss_mask": np.ones(L, np.float32), "segment_ids": np.ones(L, np.int32),
-                "positions": np.arange(L, dtype=np.int32),
-                "source_ids": np.full(L, self._src, np.int32)}
-
-    def _commit(self, g: int, d: int, o: int) -> None:
-        del self._groups[:g]
-        self._doc, self._off = d, o
-
-    def _take_document(self) -> dict[str, np.ndarray]:
-        L = self._L
-        inputs = np.zeros(L, np.int32)
-        targets = np.zeros(L, np.int32)
-        seg = np.zeros(L, np.int32)
-        pos = np.zeros(L, np.int32)
-        n, s = 0, 0
-        while n < L:
-            self._normalise()
-            doc = self._groups[0][1][self._doc]
-            remaining = len(doc) - self._off
-            free = L - n
-            if remaining > free and n > 0 and remaining <= L:
-                break  # the document fits in a fresh row: start it there
-            k = min(remaining, free)
-            # pairs j = off..off+k-1: input = ([eos] + ids)[j], target = (ids + [eos])[j]
-            j0 = self._off
-            targets[n:n + k] = doc[j0:j0 + k]
-            if j0 == 0:
-                inputs[n] = self._eos
-                inputs[n + 1:n + k] = doc[0:k - 1]
-            else:
-                inputs[n:n + k] = doc[j0 - 1:j0 + k - 1]
-            s += 1
-            seg[n:n + k] = s
-            pos[n:n + k] = np.arange(k, dtype=np.int32)
-            n += k
-            self._off += k
-        mask = (seg > 0)
-        return {"inputs": inputs, "targets": targets, "loss_mask": mask.astype(np.float32),
-                "segment_ids": seg, "positions": pos,
-                "source_ids": np.where(mask, self._src, -1).astype(np.int32)}
-
-    def __next__(self):
-        if self._mode == "concat":
-            return self._take_concat()
-        return self._take_document()
-
-    def get_state(self) -> dict[str, Any]:
-        self._normalise()
-        return {"parent": self._groups[0][0], "doc": self._doc, "offset": self._off}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._groups = []
-        self._load()
-        self._doc, self._off = int(state["doc"]), int(state["offset"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Pipelines.
-
-
 def _seed_for(seed: int, *parts) -> int:
     h = hashlib.sha256(repr((int(seed),) + parts).encode()).digest()
     return int.from_bytes(h[:4], "little")
 
 
-def _source_rows(corpus: slimpajama.Corpus, source: str, source_id: int, tokenizer, *, seq_len,
-                 packing, seed, process_index, process_count, shuffle=True) -> grain.IterDataset:
-    docs = corpus.docs_of_source(source)
-    if shuffle:
-        docs = docs[process_index::process_count]
-        if len(docs) == 0:
-            raise DataError(
-                f"data.train: source {source!r} has fewer documents ({len(corpus.docs_of_source(source))}) "
-                f"than processes ({process_count}); every process needs at least one")
-    ds = grain.MapDataset.source(docs.astype(np.int64))
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None).batch(DOCS_PER_TOKENIZE_BATCH, drop_remainder=False)
-    ds = ds.map(TokenizeDocuments(corpus, tokenizer))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-    return PackIterDataset(it, seq_len=seq_len, mode=packing, source_id=source_id,
-                           eos_id=tokenizer.eos_id)
+class StepIterator:
+    """An iterator over this process's batches of :class:`StepData`, from the first step of a
+    phase. Its state is only the step (the same on every process), for loops that checkpoint an
+    iterator state."""
 
-
-class TrainIterator(grain.DatasetIterator):
-    """The training iterator: a Grain DatasetIterator plus what the loop reports.
-
-    Attributes: ``source_names``, ``weights`` (resolved mixture), ``skipped_records`` (alias
-    ``skipped_documents``: bad input records skipped with ``data.on_error=skip``; the loop
-    reports it in the metrics).
-    """
-
-    def __init__(self, inner: grain.DatasetIterator, *, source_names, weights, skipped_records):
-        super().__init__(inner)
-        self.source_names, self.weights = source_names, weights
-        self.skipped_records = skipped_records
+    def __init__(self, data: "StepData", start: int):
+        self.data, self.step = data, int(start)
+        self.source_names, self.weights = data.source_names, data.weights
+        self.skipped_records = data.skipped_records
 
     @property
     def skipped_documents(self) -> int:
         return self.skipped_records
 
-    def __next__(self):
-        return next(self._parent)
+    def __iter__(self):
+        return self
 
-    def get_state(self):
-        return self._parent.get_state()
+    def __next__(self) -> dict[str, np.ndarray]:
+        out = self.data.local_batch(self.step)
+        self.step += 1
+        return out
 
-    def set_state(self, state):
-        self._parent.set_state(state)
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
 
     def close(self):
-        close = getattr(self._parent, "close", None)
-        if close is not None:
-            close()
-
-
-def make_train_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, phase: int = 0,
-                       process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The Grain IterDataset behind :func:`make_train_iterator`."""
-    if batch_size % process_count:
-        raise DataError(f"batch size {batch_size} is not divisible by the process count "
-                        f"{process_count}")
-    if not 0 <= process_index < process_count:
-        raise DataError(f"process_index={process_index} not in [0, {process_count})")
-    packing = _get(cfg, "data.packing", "concat")
-    seed = int(_get(cfg, "seed", 0))
-    corpus = load_corpus(cfg, train_spec(cfg), "data.train")
-    names = source_names(cfg)
-    weights = mixture_weights(cfg)
-    active = [s for s in corpus.source_names if weights[s] > 0]
-    streams = [
-        _source_rows(corpus, s, names.index(s), tokenizer, seq_len=seq_len, packing=packing,
-                     seed=_seed_for(seed, "train", phase, s), process_index=process_index,
-                     process_count=process_count)
-        for s in active]
-    if len(streams) == 1:
-        ds = streams[0]
-    else:
-        ds = grain.IterDataset.mix(streams, [weights[s] for s in active])
-    ds = ds.batch(batch_size // process_count, drop_remainder=True)
-    workers = int(_get(cfg, "data.num_workers", 0) or 0)
-    prefetch = int(_get(cfg, "data.prefetch", 2) or 0)
-    if workers > 0:
-        from absl import flags  # grain's worker processes read absl flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
-    elif prefetch > 0:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-    return ds
+        self.data.close()
 
 
 def make_train_iterator(cfg, tokenizer, *, seq_len: int, batch_size: int, phase: int = 0,
-                        process_index: int = 0, process_count: int = 1) -> TrainIterator:
-    """An infinite iterator over this process's share of the global batch.
-
-    ``batch_size`` is the global batch; each element has ``batch_size // process_count`` rows.
-    """
-    ds = make_train_dataset(cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, phase=phase,
-                            process_index=process_index, process_count=process_count)
-    it = TrainIterator(iter(ds), source_names=source_names(cfg), weights=mixture_weights(cfg),
-                       skipped_records=skipped_records(cfg))
-    return it
+                        process_index: int = 0, process_count: int = 1) -> StepIterator:
+    """This process's batches of phase ``phase`` of ``train.phases`` (``seq_len`` and
+    ``batch_size`` must be that phase's), from the phase's first step: :class:`StepData` as an
+    iterator."""
+    data = StepData(cfg, tokenizer, process_index, process_count)
+    want = data.phases[phase][:2]
+    if (seq_len, batch_size) != tuple(want):
+        raise ValueError(f"phase {phase} of the config is seq_len {want[0]} x batch {want[1]}, "
+                         f"not {seq_len} x {batch_size}")
+    return StepIterator(data, data.phase_start(phase))
 
 
 def make_eval_batches(cfg, tokenizer, *, seq_len: int, batch_size: int,
