@@ -70,3 +70,44 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
         hf.load_hf(path)
     msg = str(e.value)
     assert "transformer.h.0.mlp.c_fc.weight" in msg and "(48, 192)" in msg and "(48, 128)" in msg
+
+
+def test_load_model_on_a_gpt2_folder_matches_transformers(tmp_path):
+    """btlm_jax.load_model(HF folder): GPT-2 tokenizer files, logits and greedy decoding equal
+    transformers' on the same folder (nothing is written into it)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import btlm_jax
+
+    text = "the quick brown fox jumps over the lazy dog; the lazy dog sleeps. " * 4
+    bl = tokenizers.ByteLevelBPETokenizer()
+    bl.train_from_iterator([text], vocab_size=299, show_progress=False)
+    path = tmp_path / "hf"
+    path.mkdir()
+    bl.save_model(str(path))
+    vocab = json.loads((path / "vocab.json").read_text())
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=48, n_layer=2,
+                                  n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1)
+    ref = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    ref.save_pretrained(path, safe_serialization=True)
+    before = sorted(p.name for p in path.iterdir())
+    lm = btlm_jax.load_model(path)
+    assert sorted(p.name for p in path.iterdir()) == before
+    slow = transformers.GPT2Tokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    ids = lm.tokenizer.encode(text)
+    assert ids == slow.encode(text) and lm.tokenizer.eos_id == len(vocab) - 1
+    batch = np.array([ids[:20], ids[7:27]])
+    with torch.no_grad():
+        want = ref(torch.tensor(batch)).logits.numpy()
+        gen = ref.generate(torch.tensor([ids[:6]]), attention_mask=torch.ones(1, 6, dtype=torch.long),
+                           do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                           pad_token_id=len(vocab) - 1)[0, 6:].tolist()
+    got = lm.logits(batch)
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    assert lm.generate([ids[:6]], max_new_tokens=10, stop_at_eos=False)[0] == gen
