@@ -54,7 +54,11 @@ def default_model() -> ml_collections.ConfigDict:
     m.remat = "none"  # none | minimal | full
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"
-    m.attention = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+    # xla | cudnn (dense jax.nn.dot_product_attention) | flash (blockwise JAX) | pallas (kernel);
+    # see btlm_jax/models/attention.py and the README's "Attention implementations"
+    m.attention = "xla"
+    m.attention_block_q = 512  # flash / pallas query block (pallas: power of two, capped at 128)
+    m.attention_block_k = 512  # flash / pallas key block
     m.loss_chunk_size = 0  # >0: chunked cross-entropy over the sequence
     return m
 
@@ -135,7 +139,7 @@ _CHOICES = {
     "model.remat": ("none", "minimal", "full", "offload"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("xla", "cudnn"),
+    "model.attention": ("xla", "cudnn", "flash", "pallas"),
     "optim.name": ("adamw", "adamw_ema"),
     "data.packing": ("concat", "document"),
     "data.on_error": ("raise", "skip"),
@@ -145,7 +149,8 @@ _CHOICES = {
 
 _POSITIVE_INTS = (
     "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff",
-    "model.max_seq_len", "train.steps", "train.batch_size", "train.seq_len",
+    "model.max_seq_len", "model.attention_block_q", "model.attention_block_k",
+    "train.steps", "train.batch_size", "train.seq_len",
     "train.grad_accum_steps", "train.log_every_steps", "eval.every_steps", "eval.num_batches",
     "eval.batch_size", "checkpoint.every_steps", "checkpoint.keep",
 )

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from btlm_jax.models.alibi import alibi_bias, effective_slopes
+from btlm_jax.models import attention as attention_lib
+from btlm_jax.models.alibi import effective_slopes
 from btlm_jax.models.mup import mup_scales
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -60,12 +61,13 @@ class Attention(nn.Module):
     cfg: Any
 
     @nn.compact
-    def __call__(self, x, bias, mask, cache=None, cache_index=None):
+    def __call__(self, x, ctx, cache=None, cache_index=None):
         """Returns (output, new_cache). Without ``cache`` the keys/values are those of ``x``.
 
         With a KV ``cache`` ({"k", "v"}: [B, S, heads, d_head]) the new keys/values are written
-        at slots ``[cache_index, cache_index + T)`` and the queries attend over all S slots;
-        ``bias`` and ``mask`` are then [B, H, T, S] (built by :meth:`BTLM.decode`).
+        at slots ``[cache_index, cache_index + T)`` and the queries attend over all S slots.
+        ``ctx`` is what :func:`btlm_jax.models.attention.prepare` built for ``cfg.attention``
+        (positions, segment ids and slopes, or a dense mask and bias), shared by all layers.
         """
         cfg = self.cfg
         sc = mup_scales(cfg)
@@ -86,9 +88,8 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             new_cache = {"k": k, "v": v}
-        out = jax.nn.dot_product_attention(
-            q, k, v, bias=bias.astype(dtype), mask=mask, scale=sc.attn_scale,
-            implementation=None if cfg.attention == "xla" else "cudnn")
+        out = attention_lib.attend(cfg.attention, q, k, v, ctx, sc.attn_scale,
+                                   *_attention_blocks(cfg))
         out = checkpoint_name(out, "attention")
         out = nn.DenseGeneral(
             features=cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype,
@@ -128,9 +129,9 @@ class Block(nn.Module):
     cfg: Any
 
     @nn.compact
-    def __call__(self, x, bias, mask, cache=None, cache_index=None):
+    def __call__(self, x, ctx, cache=None, cache_index=None):
         h, new_cache = Attention(self.cfg, name="attn")(
-            _layer_norm(self.cfg, "ln_1")(x), bias, mask, cache, cache_index)
+            _layer_norm(self.cfg, "ln_1")(x), ctx, cache, cache_index)
         x = x + h
         x = x + Mlp(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -141,9 +142,13 @@ def attention_mask(segment_ids, positions, q_positions=None, q_segment_ids=None)
     """Boolean [B, 1, Tq, Tk]: causal (by position) and within the same segment."""
     qs = segment_ids if q_segment_ids is None else q_segment_ids
     qp = positions if q_positions is None else q_positions
-    causal = qp[:, :, None] >= positions[:, None, :]
-    same = qs[:, :, None] == segment_ids[:, None, :]
-    return (causal & same)[:, None, :, :]
+    return attention_lib.dense_mask(qs, qp, segment_ids, positions)
+
+
+def _attention_blocks(cfg):
+    """(block_q, block_k) of the blockwise implementations (``model.attention_block_q/k``)."""
+    return (int(getattr(cfg, "attention_block_q", 512)),
+            int(getattr(cfg, "attention_block_k", 512)))
 
 
 def init_cache(model_cfg, batch_size: int, length: int, dtype=None) -> dict:
@@ -185,7 +190,7 @@ class BTLM(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
+                in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         else:
             self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
@@ -210,13 +215,14 @@ class BTLM(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         x = self._embed(tokens, positions)
-        mask = attention_mask(segment_ids, positions)
-        bias = self._bias(positions, positions, alibi_scale, length)
+        # key_len for the slopes: the T keys of this forward
+        ctx = self._attention_inputs(positions, segment_ids, positions, segment_ids, alibi_scale,
+                                     length, 0)
         if cfg.scan_layers:
-            x, _ = self.layers(x, bias, mask, None, None)
+            x, _ = self.layers(x, ctx, None, None)
         else:
             for blk in self.blocks:
-                x, _ = blk(x, bias, mask)
+                x, _ = blk(x, ctx)
         x = self.ln_f(x)
         if return_hidden:
             return x
@@ -229,12 +235,15 @@ class BTLM(nn.Module):
         x = x * self.scales.embed_mult
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    def _bias(self, q_positions, k_positions, alibi_scale, key_len):
+    def _attention_inputs(self, q_positions, q_segment_ids, k_positions, k_segment_ids,
+                          alibi_scale, key_len, q_offset):
+        """The per-forward attention context (see :func:`attention_lib.prepare`). ``key_len`` is
+        the number of key positions the slopes are computed for (:func:`effective_slopes`)."""
         cfg = self.cfg
-        if cfg.position == "alibi":
-            return alibi_bias(cfg.n_heads, q_positions, k_positions,
-                              slopes=effective_slopes(cfg, key_len, alibi_scale))
-        return jnp.zeros((1, 1, 1, 1), jnp.float32)
+        slopes = (effective_slopes(cfg, key_len, alibi_scale) if cfg.position == "alibi"
+                  else None)
+        return attention_lib.prepare(cfg.attention, slopes, q_positions, q_segment_ids,
+                                     k_positions, k_segment_ids, q_offset, DTYPES[cfg.dtype])
 
     def decode(self, tokens, cache, cache_index, segment_ids=None, positions=None,
                alibi_scale=1.0):
@@ -259,15 +268,17 @@ class BTLM(nn.Module):
         k_seg = jax.lax.dynamic_update_slice(
             cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
         x = self._embed(tokens, positions)
-        mask = attention_mask(k_seg, k_pos, q_positions=positions, q_segment_ids=segment_ids)
-        bias = self._bias(positions, k_pos, alibi_scale, cache_index + t)  # keys filled so far
+        # key_len for the slopes: the slots filled so far, this call's tokens included (a traced
+        # scalar), so a length-dependent scaling matches a full forward over the same tokens
+        ctx = self._attention_inputs(positions, segment_ids, k_pos, k_seg, alibi_scale,
+                                     cache_index + t, cache_index)
         kv = {"k": cache["k"], "v": cache["v"]}
         if cfg.scan_layers:
-            x, new_kv = self.layers(x, bias, mask, kv, cache_index)
+            x, new_kv = self.layers(x, ctx, kv, cache_index)
         else:
             ks, vs = [], []
             for i, blk in enumerate(self.blocks):
-                x, c = blk(x, bias, mask, {"k": kv["k"][i], "v": kv["v"][i]}, cache_index)
+                x, c = blk(x, ctx, {"k": kv["k"][i], "v": kv["v"][i]}, cache_index)
                 ks.append(c["k"])
                 vs.append(c["v"])
             new_kv = {"k": jnp.stack(ks), "v": jnp.stack(vs)}

@@ -1,0 +1,255 @@
+"""Attention implementations against a float64 NumPy attention with ALiBi written here.
+
+``flash`` (blockwise JAX, custom VJP) and ``pallas`` (kernels, interpret mode on CPU) are checked
+for values and gradients with a non-power-of-two head count, packed documents (segment ids,
+positions restarting), a position-interpolation divisor, T not a multiple of the block, and
+bfloat16 inputs; the dense key-only bias against the full bias; cached decoding against the full
+forward; and short training runs of every implementation against each other.
+"""
+
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from btlm_jax.config import default_config
+from btlm_jax.models import attention as A
+from btlm_jax.models.alibi import alibi_slopes, effective_slopes, key_only_alibi_bias
+from btlm_jax.models.btlm import BTLM, init_cache
+
+SCALE = 0.35
+
+
+# ------------------------------------------------------------------ float64 NumPy reference
+def np_probs(q, k, slopes, q_pos, k_pos, q_seg, k_seg, scale):
+    """Attention probabilities [B, H, T, S]: softmax(scale q.k - m_h (i - j)) over allowed keys."""
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    dist = q_pos[:, :, None] - k_pos[:, None, :]
+    s = s - slopes[None, :, None, None] * dist[:, None]
+    allowed = (dist >= 0) & (q_seg[:, :, None] == k_seg[:, None, :])
+    s = np.where(allowed[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def np_attention(q, k, v, *args):
+    return np.einsum("bhqk,bkhd->bqhd", np_probs(q, k, *args), v)
+
+
+def np_attention_grads(q, k, v, g, slopes, q_pos, k_pos, q_seg, k_seg, scale):
+    """Analytic gradients of sum(out * g) with respect to q, k, v (softmax Jacobian by hand)."""
+    p = np_probs(q, k, slopes, q_pos, k_pos, q_seg, k_seg, scale)
+    dv = np.einsum("bhqk,bqhd->bkhd", p, g)
+    dp = np.einsum("bqhd,bkhd->bhqk", g, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = scale * np.einsum("bhqk,bkhd->bqhd", ds, k)
+    dk = scale * np.einsum("bhqk,bqhd->bkhd", ds, q)
+    return dq, dk, dv
+
+
+def packed_inputs(b=2, t=37, h=3, d=8, seed=0):
+    """The last row holds three documents (positions restart) and trailing padding, the others
+    one document each."""
+    rs = np.random.RandomState(seed)
+    q, k, v, g = (rs.randn(b, t, h, d) for _ in range(4))
+    seg = np.ones((b, t), np.int32)
+    pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    bounds = [0, 11 * t // 37, 26 * t // 37, t - 3]
+    for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        seg[-1, lo:hi] = n + 1
+        pos[-1, lo:hi] = np.arange(hi - lo)
+    seg[-1, t - 3:] = 0  # padding (segment 0 attends only to itself)
+    pos[-1, t - 3:] = np.arange(3)
+    return q, k, v, g, pos, seg
+
+
+def pi_slopes(n_heads, divisor):
+    """The slopes effective_slopes gives under position interpolation (checked against the
+    closed form 2^(-8h/n) / divisor here, so the test does not rely on it)."""
+    m = default_config().model
+    m.n_heads = n_heads
+    got = np.asarray(effective_slopes(m, key_len=64, alibi_scale=divisor), np.float64)
+    np.testing.assert_allclose(got, alibi_slopes(n_heads) / divisor, rtol=1e-6)
+    return got
+
+
+def run_impl(impl, q, k, v, slopes, pos, seg, block, q_offset=0):
+    fn = A.flash_attention if impl == "flash" else A.pallas_attention
+    return fn(q, k, v, None if slopes is None else jnp.asarray(slopes, jnp.float32), pos, pos,
+              seg, seg, q_offset=q_offset, scale=SCALE, block_q=block, block_k=block // 2)
+
+
+def test_reference_gradients_match_finite_differences():
+    q, k, v, g, pos, seg = packed_inputs(t=9, h=3, d=4)
+    sl = alibi_slopes(3)
+    args = (sl, pos, pos, seg, seg, SCALE)
+    grads = np_attention_grads(q, k, v, g, *args)
+    rs = np.random.RandomState(1)
+    for which in range(3):
+        for _ in range(4):
+            idx = tuple(rs.randint(0, n) for n in q.shape)
+            xs = [q.copy(), k.copy(), v.copy()]
+            xs[which][idx] += 1e-6
+            up = (np_attention(*xs, *args) * g).sum()
+            xs[which][idx] -= 2e-6
+            dn = (np_attention(*xs, *args) * g).sum()
+            assert grads[which][idx] == pytest.approx((up - dn) / 2e-6, rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("impl", ["flash", "pallas"])
+@pytest.mark.parametrize("alibi", [True, False])
+def test_values_and_gradients_match_numpy(impl, alibi):
+    # 3 heads (not a power of two), 3 packed documents + padding, PI divisor 2.5, T = 37 with
+    # blocks of 16 queries x 8 keys (flash) / 16 x 16 (pallas: rounded up to Triton's minimum)
+    q, k, v, g, pos, seg = packed_inputs()
+    slopes = pi_slopes(3, 2.5) if alibi else None
+    ref_slopes = slopes if alibi else np.zeros(3)
+    want = np_attention(q, k, v, ref_slopes, pos, pos, seg, seg, SCALE)
+    f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g)]
+
+    def loss(q_, k_, v_):
+        return jnp.sum(run_impl(impl, q_, k_, v_, slopes, pos, seg, 16) * f32[3])
+
+    out = run_impl(impl, *f32[:3], slopes, pos, seg, 16)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+    got = jax.grad(loss, argnums=(0, 1, 2))(*f32[:3])
+    for gg, ww in zip(got, np_attention_grads(q, k, v, g, ref_slopes, pos, pos, seg, seg, SCALE)):
+        np.testing.assert_allclose(np.asarray(gg), ww, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["flash", "pallas"])
+def test_bfloat16_inputs(impl):
+    q, k, v, g, pos, seg = packed_inputs(seed=3)
+    bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, g)]
+    q64, k64, v64, g64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in bf)
+    slopes = pi_slopes(3, 1.0)
+    args = (slopes, pos, pos, seg, seg, SCALE)
+    out = run_impl(impl, *bf[:3], slopes, pos, seg, 16)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), np_attention(q64, k64, v64, *args),
+                               rtol=2e-2, atol=2e-2)
+    got = jax.grad(lambda a, b, c: jnp.sum((run_impl(impl, a, b, c, slopes, pos, seg, 16)
+                                            * bf[3]).astype(jnp.float32)),
+                   argnums=(0, 1, 2))(*bf[:3])
+    for gg, ww in zip(got, np_attention_grads(q64, k64, v64, g64, *args)):
+        assert gg.dtype == jnp.bfloat16
+        err = np.abs(np.asarray(gg.astype(jnp.float32)) - ww).max()
+        assert err < 0.05 * max(1.0, np.abs(ww).max()), err
+
+
+def test_flash_long_rows_and_skipped_blocks():
+    # T = 100 with 8 x 8 blocks: most key blocks are skipped; long distances (positions up to
+    # 4000 via an offset) keep the relative bias exact
+    q, k, v, g, pos, seg = packed_inputs(b=1, t=100, h=2, d=4, seed=5)
+    pos = pos + 4000
+    sl = alibi_slopes(2)
+    out = A.flash_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+                            jnp.asarray(sl, jnp.float32), pos, pos, seg, seg, scale=SCALE,
+                            block_q=8, block_k=8)
+    np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, sl, pos, pos, seg, seg, SCALE),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_key_only_bias_equals_full_bias():
+    # softmax(s + m_h pos_j) == softmax(s - m_h (pos_i - pos_j)) on every row, packed documents
+    # and long positions (up to ~8k, where m_h pos_j is in the thousands) included
+    q, k, v, g, pos, seg = packed_inputs(h=5, seed=2)
+    pos = pos * 200  # spacing up to 7,200 positions
+    sl = pi_slopes(5, 1.0)
+    bias = key_only_alibi_bias(jnp.asarray(sl, jnp.float32), jnp.asarray(pos))
+    assert bias.shape == (2, 5, 1, 37) and bias.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(bias)[:, :, 0], sl[None, :, None] * pos[:, None, :],
+                               rtol=1e-7)
+    mask = np.asarray(A.dense_mask(seg, pos, seg, pos))
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) * SCALE + np.asarray(bias, np.float64)
+    s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(p, np_probs(q, k, sl, pos, pos, seg, seg, SCALE), rtol=1e-9,
+                               atol=1e-12)
+    # the xla implementation (dense, key-only float32 bias) end to end
+    ctx = A.prepare("xla", jnp.asarray(sl, jnp.float32), pos, seg, pos, seg)
+    out = A.attend("xla", *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), ctx, SCALE)
+    np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, sl, pos, pos, seg, seg, SCALE),
+                               rtol=2e-4, atol=2e-4)
+
+
+def test_block_size_errors_name_the_key():
+    x = jnp.zeros((1, 4, 1, 4))
+    p = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="model.attention_block_q"):
+        A.flash_attention(x, x, x, None, p, p, p, p, block_q=0)
+    with pytest.raises(ValueError, match="model.attention="):
+        A.prepare("dense", None, p, p, p, p)
+
+
+# ------------------------------------------------------------------------- model level
+def tiny_model(impl, block=4):
+    m = default_config().model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 61, 24, 2, 3, 40
+    m.mup.base_d_model, m.mup.base_d_ff = 12, 20.0
+    m.attention, m.attention_block_q, m.attention_block_k = impl, block, block
+    return BTLM(m)
+
+
+@pytest.mark.parametrize("impl", ["xla", "flash", "pallas"])
+def test_cached_decode_equals_full_forward(impl):
+    ref = tiny_model("xla")
+    model = tiny_model(impl)
+    params = ref.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nn.unbox(params)
+    rs = np.random.RandomState(0)
+    b, prompt, steps, scale = 2, 7, 5, 1.7
+    toks = rs.randint(1, 61, (b, prompt + steps)).astype(np.int32)
+    full = np.asarray(ref.apply({"params": params}, toks, alibi_scale=scale))
+    # the model under test, full forward
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, toks, alibi_scale=scale)),
+                               full, rtol=2e-4, atol=2e-4)
+    decode = jax.jit(lambda p, c, t, i: model.apply({"params": p}, t, c, i, alibi_scale=scale,
+                                                    method=BTLM.decode))
+    cache = init_cache(model.cfg, b, prompt + steps + 2)  # 14 slots: 4 blocks, last one partial
+    logits, cache = decode(params, cache, toks[:, :prompt], 0)
+    np.testing.assert_allclose(np.asarray(logits), full[:, :prompt], rtol=2e-4, atol=2e-4)
+    for t in range(prompt, prompt + steps):
+        logits, cache = decode(params, cache, toks[:, t:t + 1], t)
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, t], rtol=2e-4, atol=2e-4)
+
+
+def _train_losses(tmp_path, cache_dir, impl, packing, seq_len, steps=4):
+    from configs.btlm import get_config
+
+    from btlm_jax.train.loop import train
+
+    c = get_config("tiny")
+    m = c.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 512, 64, 2, 2, 128
+    m.mup.base_d_model, m.mup.base_d_ff = 64, 128.0
+    m.attention, m.attention_block_q, m.attention_block_k = impl, 32, 32
+    c.data.cache_dir, c.data.packing = str(cache_dir), packing
+    c.train.seq_len, c.train.batch_size, c.train.steps = seq_len, 4, steps
+    c.train.log_every_steps = 1
+    c.optim.peak_lr, c.optim.warmup_steps = 1e-2, 2
+    c.eval.every_steps, c.checkpoint.every_steps = 10_000, 10_000
+    c.logging.progress_bar = c.logging.tensorboard = c.logging.measure_peak = False
+    c.checkpoint.async_save = False
+    work = tmp_path / f"{impl}_{packing}_{seq_len}"
+    train(c, str(work))
+    rec = [json.loads(line) for line in (Path(work) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rec if "loss" in r]
+    assert len(losses) == steps
+    return np.array(losses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl,packing,seq_len", [
+    ("flash", "concat", 64), ("flash", "document", 64), ("pallas", "concat", 128)])
+def test_tiny_training_losses_match_xla(tmp_path_factory, impl, packing, seq_len):
+    cache = tmp_path_factory.getbasetemp() / "attention_cache"
+    tmp = tmp_path_factory.mktemp("runs")
+    want = _train_losses(tmp, cache, "xla", packing, seq_len)
+    got = _train_losses(tmp, cache, impl, packing, seq_len)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
