@@ -208,10 +208,14 @@ def test_random_access_resume_and_seed(tmp_path):
 
 
 def test_store_built_once_and_reused(tmp_path):
-    cfg = _cfg(tmp_path, _write(tmp_path, {"A": _docs(random.Random(6), 10, 10, 100, "a")}))
+    cfg = _cfg(tmp_path, _write(tmp_path, {"A": _docs(random.Random(6), 10, 10, 100, "a")}),
+               phases=("16:4:2", "32:2:2"))
     logs = []
-    pipeline.StepData(cfg, BYTES, log=logs.append).local_batch(0)
-    pipeline.StepData(cfg, BYTES, log=logs.append).local_batch(0)
+    for _ in range(2):
+        d = pipeline.StepData(cfg, BYTES, log=logs.append)
+        assert d.local_batch(0)["inputs"].shape == (4, 16)
+        assert d.local_batch(3)["inputs"].shape == (2, 32)
+    # one concat store serves both phases' lengths, built by the first run only
     assert len(logs) == 1 and "built the packed store" in logs[0]
     stores = [p for p in (tmp_path / "cache" / "store").iterdir() if p.is_dir()]
     assert len(stores) == 1

@@ -185,7 +185,7 @@ def make_eval_batches(cfg, tokenizer, *, seq_len: int, batch_size: int,
         return []
     st = open_store(cfg, tokenizer, spec, "data.eval", seq_len)
     names = source_names(cfg)
-    srcs = [st.rows(s, names.index(s)) for s in st.source_names]
+    srcs = [st.rows(s, names.index(s), seq_len) for s in st.source_names]
     total = batch_size * num_batches
     which = np.arange(total) % len(srcs)
     out = {f: np.empty((total, seq_len), np.float32 if f == "loss_mask" else np.int32)
@@ -346,7 +346,7 @@ class StepData:
                             log=self._log)
             out = []
             for s in self.active:
-                rows = st.rows(s, self.source_names.index(s))
+                rows = st.rows(s, self.source_names.index(s), seq_len)
                 order = EpochOrder(len(rows), _seed_for(self.seed, "train", phase, s))
                 out.append((rows, order))
             self._by_phase[phase] = out

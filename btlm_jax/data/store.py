@@ -1,10 +1,11 @@
 """A pre-tokenized, packed store of a corpus, read by random access.
 
-One store per (corpus files, source field, tokenizer, ``seq_len``, packing) lives in
-``<cache_dir>/store/<key>/``. It is built once (the first run that needs it tokenizes every
-document of every source, in corpus order, and packs the tokens into rows of ``seq_len``) and then
+One store per (corpus files, source field, tokenizer, packing, and ``seq_len`` for document
+packing) lives in ``<cache_dir>/store/<key>/``. It is built once (the first run that needs it
+tokenizes every document of every source, in corpus order, and packs the tokens) and then
 memory-mapped by every later run and every process, so a training batch is a handful of array
-slices and the pipeline has no state to checkpoint.
+slices and the pipeline has no state to checkpoint. A concat store is one token stream per source,
+cut into rows of any ``seq_len`` when read, so the phases of a variable-length run share it.
 
 Layout, per source ``i`` (in the corpus' sorted source order)::
 
@@ -63,8 +64,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def store_key(corpus_identity, tokenizer, seq_len: int, packing: str) -> str:
+    length = int(seq_len) if packing == "document" else None  # a concat stream fits any length
     ident = json.dumps([STORE_VERSION, corpus_identity, tokenizer_fingerprint(tokenizer),
-                        int(seq_len), packing], sort_keys=True, default=str)
+                        length, packing], sort_keys=True, default=str)
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
@@ -87,11 +89,22 @@ class Rows:
 
     A Grain random-access data source (picklable; the memory maps open lazily)."""
 
-    def __init__(self, path: str, meta: dict, index: int, source_id: int):
+    def __init__(self, path: str, meta: dict, index: int, source_id: int, seq_len: int):
         self.path, self.index, self.source_id = path, index, int(source_id)
-        self.packing, self.L = meta["packing"], int(meta["seq_len"])
+        self.packing, self.L = meta["packing"], int(seq_len)
         s = meta["sources"][index]
-        self.name, self.num_rows, self.num_tokens = s["name"], int(s["rows"]), int(s["tokens"])
+        self.name, self.num_tokens = s["name"], int(s["tokens"])
+        if self.packing == "concat":
+            self.num_rows = (self.num_tokens - 1) // self.L
+            if self.num_rows < 1:
+                raise DataError(
+                    f"source {self.name!r} of {meta['corpus']!r} has {self.num_tokens} tokens, "
+                    f"fewer than one row of seq_len+1={self.L + 1}; add data or give the source "
+                    "weight 0 (data.mixture)")
+        else:
+            if int(meta["seq_len"]) != self.L:
+                raise ValueError(f"{path} is packed at seq_len {meta['seq_len']}, not {self.L}")
+            self.num_rows = int(s["rows"])
         self.dtype, self.seg_dtype = np.dtype(meta["token_dtype"]), np.dtype(meta["segment_dtype"])
         self._mm: dict | None = None
 
@@ -152,10 +165,13 @@ class Store:
         self.path = str(path)
         self.meta = json.loads((Path(path) / "meta.json").read_text())
         self.source_names = [s["name"] for s in self.meta["sources"]]
-        self.seq_len, self.packing = int(self.meta["seq_len"]), self.meta["packing"]
+        self.seq_len, self.packing = self.meta["seq_len"], self.meta["packing"]
 
-    def rows(self, source: str, source_id: int) -> Rows:
-        return Rows(self.path, self.meta, self.source_names.index(source), source_id)
+    def rows(self, source: str, source_id: int, seq_len: int | None = None) -> Rows:
+        """The rows of ``source`` (labelled ``source_id`` in batches) at ``seq_len`` (any length
+        for a concat store; a document store's own length by default)."""
+        seq_len = self.seq_len if seq_len is None else seq_len
+        return Rows(self.path, self.meta, self.source_names.index(source), source_id, seq_len)
 
     def tokens(self, source: str) -> int:
         return int(self.meta["sources"][self.source_names.index(source)]["tokens"])
@@ -246,7 +262,8 @@ def _chunks(corpus: Corpus, tokenizer, docs: np.ndarray, workers: int):
 
 def build(corpus: Corpus, tokenizer, path: str | os.PathLike, *, seq_len: int, packing: str,
           num_workers: int = 0, log: Callable[[str], None] | None = None) -> dict:
-    """Tokenizes and packs ``corpus`` into a new store at ``path`` (must not exist).
+    """Tokenizes and packs ``corpus`` into a new store at ``path`` (must not exist);
+    ``seq_len`` is the row length of document packing (a concat store has no fixed length).
 
     Returns the build statistics (documents, tokens, seconds)."""
     if packing not in ("concat", "document"):
@@ -281,22 +298,18 @@ def build(corpus: Corpus, tokenizer, path: str | os.PathLike, *, seq_len: int, p
                         w["tokens"].write(doc)
                     else:
                         packer.add(doc)
-            if packing == "concat":
-                rows = max(0, (ntok - 1) // seq_len)
-            else:
+            src = {"name": name, "documents": ndoc, "tokens": ntok}
+            if packing == "document":
                 packer.flush()
-                rows = packer.rows
+                src["rows"] = packer.rows
             for x in w.values():
                 x.close()
-            if rows == 0:
-                raise DataError(
-                    f"source {name!r} of {corpus.spec!r} has {ntok} tokens, fewer than one row "
-                    f"of seq_len+1={seq_len + 1}; add data or drop the source (data.mixture)")
-            sources.append({"name": name, "documents": ndoc, "tokens": ntok, "rows": rows})
+            sources.append(src)
             total_docs += ndoc
             total_tokens += ntok
         seconds = time.perf_counter() - t0
-        meta = {"version": STORE_VERSION, "seq_len": int(seq_len), "packing": packing,
+        meta = {"version": STORE_VERSION, "packing": packing,
+                "seq_len": int(seq_len) if packing == "document" else None,
                 "token_dtype": tdt.name, "segment_dtype": sdt.name, "eos_id": tokenizer.eos_id,
                 "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer_fingerprint(tokenizer),
                 "corpus": corpus.spec, "sources": sources, "documents": total_docs,
@@ -326,7 +339,8 @@ def _locked(lock_path: Path):
 def open_or_build(corpus: Corpus, corpus_identity, tokenizer, cache_dir: str | os.PathLike, *,
                   seq_len: int, packing: str, num_workers: int = 0,
                   log: Callable[[str], None] | None = None) -> Store:
-    """The store for (corpus, tokenizer, seq_len, packing) from ``cache_dir``, built if missing."""
+    """The store for (corpus, tokenizer, packing[, seq_len]) from ``cache_dir``, built if
+    missing."""
     key = store_key(corpus_identity, tokenizer, seq_len, packing)
     path = Path(cache_dir) / "store" / key
     if not (path / "meta.json").exists():
