@@ -371,3 +371,98 @@ def hf_array(t):
     import ml_dtypes
 
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _convert(*args):
+    out = subprocess.run([sys.executable, "-m", "btlm_jax.convert", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_convert_import_load_run_export_round_trip(tmp_path):
+    """`convert import` of the published format (first-revision keys, dynamic alibi_scaling)
+    -> load_model(run_dir) equals the reference -> `convert export` -> the same tensors, slopes,
+    alibi_scaling and tokenizer files back."""
+    import btlm_jax
+    from btlm_jax.convert import hf
+
+    dyn = {"type": "linear", "train_seq_len": 8}
+    t = write_published_btlm(tmp_path / "hf", "", dyn)
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    _convert("import", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={tmp_path / 'run'}")
+    for name in ("vocab.json", "merges.txt"):  # the tokenizer is pinned into the run
+        assert (tmp_path / "run" / "tokenizer" / name).read_bytes() == \
+            (tmp_path / "hf" / name).read_bytes()
+    lm = btlm_jax.load_model(tmp_path / "run")
+    assert lm.cfg.model.alibi_scaling_train_seq_len == 8
+    check_loaded(lm, t, c, tmp_path)
+
+    _convert("export", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}")
+    out = tmp_path / "out"
+    written = json.loads((out / "config.json").read_text())
+    assert written["alibi_scaling"] == dyn and written["n_head"] == N_HEAD
+    for name in ("vocab.json", "merges.txt"):
+        assert (out / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+    back = hf.read_tensors(out)
+    np.testing.assert_array_equal(back["transformer.relative_pe.slopes"].astype(np.float64),
+                                  t["transformer.relative_pe.slopes"])
+    for k, v in back.items():  # the bf16 weights come back exactly (float32 holds them)
+        np.testing.assert_array_equal(np.asarray(v, np.float64), t[k], err_msg=k)
+    cfg2, params2, _ = hf.load_hf(out)
+    assert cfg2.model.alibi_slopes == lm.cfg.model.alibi_slopes
+    assert cfg2.model.alibi_scaling_train_seq_len == 8
+    import jax
+
+    for (path, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(lm.params)[0],
+                                 jax.tree_util.tree_flatten_with_path(params2)[0]):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+    # an export of a run without dynamic scaling writes none, even with train_seq_len set
+    assert hf.hf_config(_without_dynamic(lm.cfg.model), "btlm")["alibi_scaling"] is None
+
+
+def _without_dynamic(m):
+    import copy
+
+    m = copy.deepcopy(m)
+    m.alibi_scaling_train_seq_len = 0
+    assert m.train_seq_len == 8
+    return m
+
+
+def test_effective_slopes_semantics():
+    """Carried slopes; fixed factor; dynamic train_seq_len by key count (static or traced);
+    position interpolation on top of dynamic scaling takes the larger divisor."""
+    import jax
+    import jax.numpy as jnp
+
+    from btlm_jax.config import ConfigError, default_config, validate
+    from btlm_jax.models.alibi import effective_slopes
+
+    cfg = default_config()
+    m = cfg.model
+    m.n_heads, m.d_model = 6, 48
+    std = standard_slopes(6)
+    np.testing.assert_allclose(effective_slopes(m, 10), std, rtol=1e-7)
+    carried = tuple(float(x) for x in torch.tensor(std).to(torch.bfloat16).float())
+    m.alibi_slopes = carried
+    np.testing.assert_array_equal(effective_slopes(m, 10), np.float32(carried))
+    m.alibi_scaling = 2.0
+    np.testing.assert_allclose(effective_slopes(m, 100, 3.0), np.float32(carried) / 6.0, rtol=1e-6)
+    m.alibi_scaling, m.alibi_scaling_train_seq_len = 1.0, 8
+    for key_len, div in ((4, 1.0), (8, 1.0), (12, 1.5), (32, 4.0)):
+        np.testing.assert_allclose(effective_slopes(m, key_len), np.float32(carried) / div, rtol=1e-6)
+        traced = jax.jit(lambda k: effective_slopes(m, k))(jnp.int32(key_len))
+        np.testing.assert_allclose(traced, np.float32(carried) / div, rtol=1e-6)
+    np.testing.assert_allclose(effective_slopes(m, 12, 2.0), np.float32(carried) / 2.0, rtol=1e-6)
+    np.testing.assert_allclose(effective_slopes(m, 32, 2.0), np.float32(carried) / 4.0, rtol=1e-6)
+    m.alibi_scaling = 2.0  # fixed and dynamic together: refused, naming both keys
+    with pytest.raises(ConfigError, match="alibi_scaling_train_seq_len"):
+        validate(cfg)
+    m.alibi_scaling, m.alibi_slopes = 1.0, carried[:4]
+    with pytest.raises(ConfigError, match="model.alibi_slopes has 4 values: give 6"):
+        validate(cfg)

@@ -6,7 +6,9 @@ Otherwise take the slopes for the largest power of two ``p < n`` and fill the re
 
 The bias added to attention logits is ``-(m_h / s) * (i - j)`` for query ``i``, key ``j <= i``,
 with ``s = 1`` in training and ``s = L_eval / L_train`` when evaluating beyond the training length
-with position interpolation (and/or a fixed ``alibi_scaling`` from the model config).
+with position interpolation (and/or the config's ``alibi_scaling``, fixed or dynamic). A checkpoint
+may carry its own slopes (``model.alibi_slopes``: the published BTLM stores them in bf16); every
+forward takes its slopes from :func:`effective_slopes`.
 """
 
 from __future__ import annotations
