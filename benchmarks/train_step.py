@@ -99,49 +99,25 @@ def _memory(device, compiled) -> dict:
 
 def run_jax(cfg, steps: int, warmup: int, donate: bool, measure_peak: bool, peak_n: int,
             peer=None) -> dict:
-    import functools
-
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from btlm_jax import optim, perf
-    from btlm_jax.config import validate
+    from btlm_jax import perf
     from btlm_jax.flops import train_flops_per_token
-    from btlm_jax.models.btlm import BTLM
-    from btlm_jax.parallel import mesh as mesh_lib
-    from btlm_jax.train.step import TrainState, train_step
+    from btlm_jax.train.program import Program
 
-    cfg = validate(cfg)
+    # the training program itself: same placement, same step, same shardings as a real run
+    program = Program.from_config(cfg)
+    cfg, mesh = program.cfg, program.mesh
     batch_size, seq_len = int(cfg.train.batch_size), int(cfg.train.seq_len)
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    model = BTLM(cfg.model)
-    tx, lr_schedule = optim.build(cfg, int(cfg.train.steps))
-
-    dummy = jnp.zeros((1, 8), jnp.int32)
-
-    def init_state(rng):
-        params = nn.unbox(model.init(rng, dummy)["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    rng = jax.random.PRNGKey(cfg.seed)
-    boxed = jax.eval_shape(lambda r: model.init(r, dummy), rng)
-    with nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
-        param_sh = mesh_lib.logical_to_sharding(nn.get_partition_spec(boxed)["params"], mesh)
-    abstract = jax.eval_shape(init_state, rng)
-    state_sh = TrainState(
-        step=mesh_lib.replicated(mesh), params=param_sh,
-        opt_state=mesh_lib.tree_shardings_like_params(abstract.opt_state, param_sh, mesh))
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
-    state = jax.jit(init_state, out_shardings=state_sh)(rng)
-    batch = _synthetic_batch(cfg, batch_size, seq_len, mesh_lib.batch_sharding(mesh))
-
-    fn = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                           grad_accum_steps=int(cfg.train.grad_accum_steps))
-    with nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
-        jitted = jax.jit(fn, in_shardings=(state_sh, mesh_lib.batch_sharding(mesh)),
-                         out_shardings=(state_sh, None), donate_argnums=(0,) if donate else ())
+    num_params = program.num_params
+    state = program.init_state()
+    batch = _synthetic_batch(cfg, batch_size, seq_len, program.batch_sharding)
+    with nn.logical_axis_rules(program.rules):
+        jitted = jax.jit(program.train_step_fn(),
+                         in_shardings=(program.state_shardings, program.batch_sharding),
+                         out_shardings=(program.state_shardings, None),
+                         donate_argnums=(0,) if donate else ())
         t0 = time.perf_counter()
         lowered = jitted.lower(state, batch)
         t1 = time.perf_counter()

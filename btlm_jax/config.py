@@ -20,6 +20,14 @@ class ConfigError(ValueError):
     """A config value is invalid. The message names the key and says what to do."""
 
 
+# The default rule table (``mesh.rules``): logical axis -> mesh axes, "name=axis[+axis]" (empty
+# right-hand side = replicated). ``act_*`` name activation axes, the rest parameter axes.
+DEFAULT_MESH_RULES: tuple[str, ...] = (
+    "act_batch=data+fsdp", "act_length=", "act_embed=", "act_heads=tensor", "act_mlp=tensor",
+    "vocab=tensor", "embed=fsdp", "heads=tensor", "kv=", "mlp=tensor", "norm=", "layers=",
+)
+
+
 def default_model() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.vocab_size = 8192
@@ -51,7 +59,9 @@ def default_model() -> ml_collections.ConfigDict:
     m.mup.output_mult = 2.22
     m.init_std = 0.073  # base init sigma (truncated normal at 2 sigma)
     m.scan_layers = True
-    m.remat = "none"  # none | minimal | full
+    # none | minimal | full | offload | save_qkv | save_attention_out | save_qkv_attention_out
+    # (the save_* policies keep the activations the model tags with checkpoint_name)
+    m.remat = "none"
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"
     # xla | cudnn (dense jax.nn.dot_product_attention) | flash (blockwise JAX) | pallas (kernel);
@@ -125,18 +135,23 @@ def default_config() -> ml_collections.ConfigDict:
     ms.tensor = 1
     ms.layout = "standard"  # standard | weight_streaming
     ms.dcn_data = 0  # data-axis size across slices/nodes (0 = auto: TPU slices, else 1)
+    ms.rules = DEFAULT_MESH_RULES  # see btlm_jax/parallel/sharding.py
 
     lg = c.logging = ml_collections.ConfigDict()
     lg.tensorboard = True
     lg.progress_bar = True
     lg.measure_peak = True  # measure a matmul peak once per process for mfu_measured
+    lg.wandb = False  # a Weights & Biases sink (pip install 'btlm_jax[wandb]')
+    lg.wandb_project = "btlm_jax"
+    lg.wandb_mode = "auto"  # auto (online if logged in, else offline) | online | offline
     return c
 
 
 _CHOICES = {
     "model.activation": ("swiglu", "gelu", "gelu_tanh"),
     "model.position": ("alibi", "learned"),
-    "model.remat": ("none", "minimal", "full", "offload"),
+    "model.remat": ("none", "minimal", "full", "offload", "save_qkv", "save_attention_out",
+                    "save_qkv_attention_out"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn", "flash", "pallas"),
@@ -145,6 +160,7 @@ _CHOICES = {
     "data.on_error": ("raise", "skip"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "mesh.layout": ("standard", "weight_streaming"),
+    "logging.wandb_mode": ("auto", "online", "offline"),
 }
 
 _POSITIVE_INTS = (

@@ -19,7 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/btlm.py:tiny", "Con
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
 _MESH = flags.DEFINE_string(
     "mesh", None, "DATA,FSDP,TENSOR: also compile the train step ahead of time for this mesh and "
-    "print per-device memory (btlm_jax/parallel/aot.py).")
+    "print per-device memory (btlm_jax/train/aot.py).")
 _FAKE_DEVICES = flags.DEFINE_integer(
     "fake_devices", 0, "With --mesh: compile for this many fake (CPU) devices instead of the "
     "machine's real ones.")
@@ -72,7 +72,7 @@ def describe(cfg) -> dict:
 def main(argv):
     del argv
     if _MESH.value and _FAKE_DEVICES.value:
-        from btlm_jax.parallel.aot import use_fake_devices
+        from btlm_jax.train.aot import use_fake_devices
 
         use_fake_devices(_FAKE_DEVICES.value)  # before anything initialises a JAX backend
     info = describe(_CONFIG.value)
@@ -88,7 +88,7 @@ def main(argv):
         f"{k} {v:,} ({v / 1e9:.2f} GB)" for k, v in info["weight_bytes_by_format"].items())
         + f" [int4: groups of {info['int4_group_size']}]")
     if _MESH.value:
-        from btlm_jax.parallel import aot
+        from btlm_jax.train import aot
 
         info["aot"] = aot.train_step_memory(
             _CONFIG.value, aot.parse_mesh(_MESH.value), seq_len=_SEQ_LEN.value or None,

@@ -79,7 +79,8 @@ def _write_corpus(root: Path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory (config.json + Orbax checkpoint) of a small random model, bytes tokenizer."""
-    from btlm_jax.train.loop import Trainer
+    from btlm_jax.train.program import Program
+    from btlm_jax.train.run_dir import RunDir
 
     root = tmp_path_factory.mktemp("evalrun")
     train_glob, eval_glob = _write_corpus(root / "data")
@@ -95,11 +96,12 @@ def run_dir(tmp_path_factory):
     c.checkpoint.async_save = False
     c.logging.tensorboard = c.logging.progress_bar = False
     wd = root / "run"
-    tr = Trainer(c, str(wd))
-    state = tr.init_state()
-    tr.ckpt.save(0, state, {"phase": None, "iterator": None, "tokens_per_source": {}}, force=True)
-    tr.ckpt.close()
-    return wd, tr, jax.device_get(state.params)
+    run = RunDir.for_training(wd, c)
+    state = Program.from_config(run.cfg).init_state()
+    ckpt = run.checkpointer()
+    ckpt.save(0, state, {"phase": None, "iterator": None, "tokens_per_source": {}}, force=True)
+    ckpt.close()
+    return wd, run, jax.device_get(state.params)
 
 
 def test_evaluate_cli_json_and_plots(run_dir):

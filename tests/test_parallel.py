@@ -80,28 +80,38 @@ def assert_close(ref, got, what, rtol=RTOL):
 # Worker modes (run in the subprocess).
 
 
-def drive(trainer, steps):
-    """Runs ``steps`` train steps and one evaluation with the trainer's compiled pieces (no
+def build(cfg, workdir, devices=None):
+    """The program and data feed of a run (run directory written, no training loop)."""
+    from btlm_jax.train.feed import TrainFeed
+    from btlm_jax.train.program import Program
+    from btlm_jax.train.run_dir import RunDir
+
+    run = RunDir.for_training(workdir, cfg)
+    program = Program.from_config(run.cfg, devices)
+    return program, TrainFeed(run.cfg, run.tokenizer, program.phases, program.phase_of)
+
+
+def drive(program, feed, steps):
+    """Runs ``steps`` train steps and one evaluation with the program's compiled pieces (no
     checkpoint or metrics I/O: the loop itself is covered by the multi-host and phase tests)."""
     import jax
 
-    state = trainer.init_state()
-    it = trainer.make_iterator(0)
+    from btlm_jax.train.loop import eval_metrics
+
+    state = program.init_state()
     out = {"loss": [], "grad_norm": [], "steps": []}
     for i in range(steps):
-        state, m = trainer.train_step(state, trainer.to_global(next(it)))
+        state, m = program.train_step(state, program.to_global(feed.next(i)))
         m = jax.device_get(m)
         out["loss"].append(float(m["loss"]))
         out["grad_norm"].append(float(m["grad_norm"]))
         out["steps"].append(i + 1)
-    out["eval_loss"] = [trainer.evaluate(state.params, trainer.phases[0][0])["eval_loss"]]
+    out["eval_loss"] = [eval_metrics(program, feed, state.params, program.phases[0][0])["eval_loss"]]
     return out, state
 
 
 def _worker_meshes(out_json, cache_dir, root, layout="standard"):
     import jax
-
-    from btlm_jax.train.loop import Trainer
 
     assert len(jax.devices()) == 8, jax.devices()
     res = {}
@@ -112,8 +122,7 @@ def _worker_meshes(out_json, cache_dir, root, layout="standard"):
         devices = jax.devices()[: d * f * t]
         wd = Path(root) / f"{layout}_{d}x{f}x{t}"
         with jax.default_device(devices[0]):
-            tr = Trainer(make_config(over), str(wd), devices=devices)
-            res[str(mesh)], _ = drive(tr, 4)
+            res[str(mesh)], _ = drive(*build(make_config(over), wd, devices), 4)
     Path(out_json).write_text(json.dumps(res))
 
 
@@ -121,17 +130,14 @@ def _worker_layouts(out_json, cache_dir, root):
     """Standard vs weight streaming, on 8 devices, with and without gradient accumulation."""
     import jax
 
-    from btlm_jax.parallel.streaming import StreamingLayout
-    from btlm_jax.train.loop import Trainer
-
     res = {}
     for layout in ("standard", "weight_streaming"):
         for accum in (1, 2):
             over = tiny_overrides(cache_dir, **{"mesh.layout": layout, "mesh.data": 8,
                                                 "train.batch_size": 16,
                                                 "train.grad_accum_steps": accum})
-            tr = Trainer(make_config(over), str(Path(root) / f"{layout}_{accum}"))
-            res[f"{layout}_{accum}"], state = drive(tr, 4)
+            wd = Path(root) / f"{layout}_{accum}"
+            res[f"{layout}_{accum}"], state = drive(*build(make_config(over), wd), 4)
             if accum == 1:
                 res[f"{layout}_memory_kinds"] = sorted(
                     {str(x.sharding.memory_kind) for x in jax.tree_util.tree_leaves(
@@ -186,6 +192,7 @@ def test_sharding_check_names_the_parameter():
 import jax, flax.linen as nn, jax.numpy as jnp, ml_collections as mc
 from btlm_jax.models.btlm import BTLM
 from btlm_jax.parallel import mesh as M
+from btlm_jax.parallel.sharding import DEFAULT_RULES, parse_rules
 import sys; sys.path.insert(0, '.')
 from configs.btlm import get_config
 def check(c, mesh, **kw):
@@ -194,7 +201,7 @@ def check(c, mesh, **kw):
     logical = nn.get_partition_spec(boxed)['params']
     params = nn.unbox(boxed)['params']
     m = M.make_mesh(mc.ConfigDict(dict(zip(('data', 'fsdp', 'tensor'), mesh))))
-    rules = kw.pop('rules', M.LOGICAL_RULES)
+    rules = kw.pop('rules', parse_rules(DEFAULT_RULES))
     sh = M.logical_to_sharding(logical, m, rules)
     try:
         M.check_param_shardings(params, logical, sh, m, **kw)
@@ -205,7 +212,7 @@ c = get_config('tiny'); c.model.n_heads = 2
 print('HEADS', check(c, (2, 1, 4)).replace(chr(10), ' | '))
 c = get_config('tiny'); c.model.d_ff = 688
 print('OK', check(c, (1, 2, 4)).replace(chr(10), ' | '))
-rules = tuple((k, None if k == 'mlp' else v) for k, v in M.LOGICAL_RULES)
+rules = tuple((k, None if k == 'mlp' else v) for k, v in parse_rules(DEFAULT_RULES))
 print('REPL', check(c, (2, 1, 4), rules=rules, min_elements=1 << 16).replace(chr(10), ' | '))
 c = get_config('3b_8k')
 print('VOCAB', check(c, (1, 2, 4)).replace(chr(10), ' | '))

@@ -29,7 +29,9 @@ def import_checkpoint(hf_dir: str, workdir: str, tokenizer: str = "") -> dict:
 
     from btlm_jax.config import default_config
     from btlm_jax.convert import hf
-    from btlm_jax.train.loop import Trainer
+    from btlm_jax.data.tokenizer import load_tokenizer
+    from btlm_jax.train.program import Program
+    from btlm_jax.train.run_dir import RunDir
     from btlm_jax.train.step import TrainState
 
     wd = Path(workdir)
@@ -47,16 +49,18 @@ def import_checkpoint(hf_dir: str, workdir: str, tokenizer: str = "") -> dict:
     cfg.train.seq_len = min(seq, int(m.max_seq_len)) if m.position == "learned" else seq
     if m.position == "alibi" and not int(m.train_seq_len):
         m.train_seq_len = int(m.max_seq_len)  # the HF config's context length
-    tr = Trainer(cfg, str(wd))
+    run = RunDir.create(wd, cfg, load_tokenizer(cfg.data.tokenizer))
+    program = Program.from_config(run.cfg)
     params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params),
-                            tr.state_shardings.params)
-    opt = jax.jit(tr.tx.init, out_shardings=tr.state_shardings.opt_state)(params)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt)
-    tr.ckpt.save(0, state, {"phase": None, "iterator": None, "tokens_per_source": {},
-                            "imported_from": str(Path(hf_dir).absolute()), "layout": layout},
-                 force=True)
-    tr.ckpt.close()
-    return {"workdir": str(wd.absolute()), "layout": layout, "num_params": tr.num_params}
+                            program.state_shardings.params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=program.init_opt_state(params))
+    ckpt = run.checkpointer()
+    ckpt.save(0, state, {"phase": None, "iterator": None, "tokens_per_source": {},
+                         "imported_from": str(Path(hf_dir).absolute()), "layout": layout},
+              force=True)
+    ckpt.close()
+    return {"workdir": str(wd.absolute()), "layout": layout, "num_params": program.num_params}
 
 
 def export_checkpoint(workdir: str, out: str, layout: str | None = None, dtype: str | None = None,
@@ -72,7 +76,7 @@ def export_checkpoint(workdir: str, out: str, layout: str | None = None, dtype: 
 def main(argv):
     from btlm_jax.config import ConfigError
     from btlm_jax.convert.hf import ConversionError
-    from btlm_jax.eval.session import RunError
+    from btlm_jax.train.run_dir import RunError
     from btlm_jax.train.checkpoint import CheckpointMismatchError
 
     logging.set_verbosity(logging.WARNING)

@@ -8,8 +8,8 @@ with the model's fixed ``model.alibi_scaling`` divisor (the BTLM ``alibi_scaling
 when fine-tuning at a longer length). ``L_train`` is ``model.train_seq_len`` when set, else the
 longest training phase's sequence length.
 
-The per-token losses come from :func:`btlm_jax.train.step.eval_step` (the same code the training
-loop evaluates with), jitted with the training parameter and batch shardings.
+The loss sums come from :meth:`btlm_jax.train.program.Program.eval_sums`, the same evaluation path
+the training loop uses, with the training parameter and batch shardings.
 """
 
 from __future__ import annotations
@@ -70,9 +70,8 @@ class Evaluator:
     def __init__(self, run, data_cfg=None, *, quantize: str = "none",
                  group_size: int = 128, batch_size: int | None = None,
                  num_batches: int | None = None):
-        from btlm_jax.models import quant
         from btlm_jax.data import pipeline
-        from btlm_jax.train.step import eval_step
+        from btlm_jax.models import quant
 
         self.run = run
         self.cfg = data_cfg if data_cfg is not None else run.cfg
@@ -81,24 +80,14 @@ class Evaluator:
         self.batch_size = int(batch_size or self.cfg.eval.batch_size)
         self.num_batches = int(num_batches or self.cfg.eval.num_batches)
         self.quantize = quantize or "none"
-        tr = run.trainer
-        model, n_src = run.model, len(self.sources)
+        self.params_fn = None
         if self.quantize == "none":
             self.params = run.params
-            param_sh = tr.state_shardings.params
-
-            def fn(params, batch, scale):
-                return eval_step(params, batch, model=model, num_sources=n_src, alibi_scale=scale)
         else:
             self.params = jax.jit(lambda p: quant.quantize_params(p, self.quantize, group_size))(
                 run.params)
-            param_sh = None  # the compiler places the quantised leaves
-
-            def fn(params, batch, scale):
-                p = quant.dequantize_params(params)
-                return eval_step(p, batch, model=model, num_sources=n_src, alibi_scale=scale)
+            self.params_fn = quant.dequantize_params  # the compiler places the quantised leaves
         self.weight_bytes = quant.weight_bytes(self.params)
-        self._step = jax.jit(fn, in_shardings=(param_sh, tr.batch_sharding, None))
 
     def batches(self, length: int):
         return self.pipeline.make_eval_batches(
@@ -107,21 +96,11 @@ class Evaluator:
 
     def evaluate(self, length: int, alibi_scale: float) -> dict[str, Any]:
         """Sums over the eval batches at ``length``; returns loss totals and per-position arrays."""
-        from btlm_jax.train.step import BATCH_KEYS
-
-        tr = self.run.trainer
-        batches = self.batches(length)
-        if not batches:
+        tot = self.run.program.eval_sums(self.params, self.batches(length), len(self.sources),
+                                         alibi_scale, self.params_fn)
+        if tot is None:
             raise ValueError(
                 "no evaluation data: set data.eval in the run's config or pass --data=GLOB")
-        tot = None
-        scale = np.float32(alibi_scale)
-        for b in batches:
-            g = {k: jax.make_array_from_process_local_data(tr.batch_sharding, np.asarray(b[k]))
-                 for k in BATCH_KEYS + ("source_ids",)}
-            out = jax.device_get(self._step(self.params, g, scale))
-            out = {k: np.asarray(v, np.float64) for k, v in out.items()}
-            tot = out if tot is None else {k: tot[k] + out[k] for k in tot}
         return tot
 
     def results(self, lengths: Iterable[int], pi_modes: Iterable[bool],

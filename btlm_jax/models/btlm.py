@@ -48,7 +48,18 @@ def remat_policy(name: str):
         return cp.nothing_saveable
     if name == "offload":
         return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
-    raise ValueError(f"model.remat={name!r} has no policy (use none, minimal, full, offload)")
+    # policies by the names the model tags with checkpoint_name: keep those, recompute the rest
+    if name in _SAVED_NAMES:
+        return cp.save_only_these_names(*_SAVED_NAMES[name])
+    raise ValueError(f"model.remat={name!r} has no policy (use none, minimal, full, offload, "
+                     + ", ".join(_SAVED_NAMES) + ")")
+
+
+_SAVED_NAMES = {
+    "save_qkv": ("query", "key", "value"),
+    "save_attention_out": ("attention",),
+    "save_qkv_attention_out": ("query", "key", "value", "attention"),
+}
 
 
 def _layer_norm(cfg, name):
@@ -119,7 +130,8 @@ class Mlp(nn.Module):
         else:
             h = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi")(x)
             h = nn.gelu(h, approximate=(cfg.activation == "gelu_tanh"))
-        h = nn.with_logical_constraint(checkpoint_name(h, "mlp_hidden"), ("batch", "length", "mlp"))
+        h = nn.with_logical_constraint(checkpoint_name(h, "mlp_hidden"),
+                                       ("act_batch", "act_length", "act_mlp"))
         return dense(cfg.d_model, sc.out_proj_std, ("mlp", "embed"), "wo")(h)
 
 
@@ -134,7 +146,7 @@ class Block(nn.Module):
             _layer_norm(self.cfg, "ln_1")(x), ctx, cache, cache_index)
         x = x + h
         x = x + Mlp(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x))
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         return x, new_cache
 
 
@@ -233,7 +245,7 @@ class BTLM(nn.Module):
         if self.cfg.position == "learned":
             x = x + self.pos_embed(positions)
         x = x * self.scales.embed_mult
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
     def _attention_inputs(self, q_positions, q_segment_ids, k_positions, k_segment_ids,
                           alibi_scale, key_len, q_offset):

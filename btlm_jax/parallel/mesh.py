@@ -1,8 +1,8 @@
-"""Device meshes and the one table of logical-axis rules.
+"""Device meshes, and the checks that a placement fits them.
 
-Parameters carry logical axis names (see :mod:`btlm_jax.models.btlm`); :data:`LOGICAL_RULES` maps
-them to the mesh axes ``data``, ``fsdp`` and ``tensor``. Parameters, optimizer state and batches are
-all placed from that table, so changing parallelism is a config change (``mesh.*``) only.
+Parameters carry logical axis names (see :mod:`btlm_jax.models.btlm`); the config's rule table
+(``mesh.rules``, see :mod:`btlm_jax.parallel.sharding`) maps them to the mesh axes ``data``,
+``fsdp`` and ``tensor``. Changing parallelism is a config change (``mesh.*``) only.
 """
 
 from __future__ import annotations
@@ -17,20 +17,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-
-# logical axis -> mesh axis (or tuple of axes, or None = replicated)
-LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-    ("layers", None),
-)
-
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     """Resolves (data, fsdp, tensor) sizes; one of them may be -1 (fill)."""
@@ -92,14 +78,9 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     return Mesh(arr, MESH_AXES)
 
 
-def logical_to_sharding(logical_spec_tree, mesh: Mesh, rules=LOGICAL_RULES):
+def logical_to_sharding(logical_spec_tree, mesh: Mesh, rules):
     """Maps a tree of logical PartitionSpecs to NamedShardings on ``mesh``."""
     return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, rules)
-
-
-def batch_sharding(mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
-    spec = nn.logical_to_mesh_axes(("batch", "length"), rules)
-    return NamedSharding(mesh, spec)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -114,31 +95,6 @@ def _path_key(path) -> tuple[str, ...]:
     return tuple(out)
 
 
-def tree_shardings_like_params(tree, param_shardings, mesh: Mesh):
-    """Shardings for a tree (e.g. optimizer state) whose leaves mirror parameters.
-
-    A leaf whose path ends with a parameter's path and has that parameter's shape gets the
-    parameter's sharding (Adam moments, EMA buffers); everything else (counts, scalars) is
-    replicated. This is how one rule table covers the optimizer state too.
-    """
-    flat_params = {
-        _path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
-    suffixes = sorted(flat_params, key=len, reverse=True)
-
-    def pick(path, leaf):
-        key = _path_key(path)
-        shape = getattr(leaf, "shape", ())
-        for suf in suffixes:
-            if len(key) >= len(suf) and key[-len(suf):] == suf:
-                sh = flat_params[suf]
-                spec = sh.spec
-                if len(spec) <= len(shape):
-                    return sh
-        return replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
-
-
 # ----------------------------------------------------------------------------------------------
 # Checks: divisibility and "every large parameter is actually sharded".
 
@@ -146,7 +102,7 @@ def tree_shardings_like_params(tree, param_shardings, mesh: Mesh):
 _AXIS_KEYS = {
     "vocab": "model.vocab_size", "embed": "model.d_model", "heads": "model.n_heads",
     "kv": "model.d_model / model.n_heads", "mlp": "model.d_ff", "layers": "model.n_layers",
-    "batch": "train.batch_size",
+    "batch": "train.batch_size", "act_batch": "train.batch_size",
 }
 
 # A parameter with at least this many elements must not be replicated when fsdp or tensor > 1.
@@ -207,17 +163,14 @@ def check_param_shardings(abstract_params, logical_specs, shardings, mesh: Mesh,
                 f"parameter {name} {shape} ({numel:,} elements) would be replicated on every "
                 f"device although " + ", ".join(f"mesh.{a}={mesh.shape[a]}" for a in param_axes)
                 + f": its logical axes {logical} map to none of those mesh axes in "
-                "LOGICAL_RULES (btlm_jax/parallel/mesh.py); give it logical axes the rules shard")
+                "mesh.rules; give it logical axes the rules shard, or change mesh.rules")
     if errors:
         raise ShardingError(
             f"the parameters do not fit mesh {dict(mesh.shape)}:\n  " + "\n  ".join(errors))
 
 
-def check_batch(batch_size: int, mesh: Mesh, what: str = "train.batch_size",
-                spec_axes: tuple[str, ...] | None = None) -> None:
+def check_batch(batch_size: int, mesh: Mesh, what: str, spec_axes: tuple[str, ...]) -> None:
     """The global batch must split evenly over the batch mesh axes and over processes."""
-    if spec_axes is None:
-        spec_axes = _axes_of(nn.logical_to_mesh_axes(("batch",), LOGICAL_RULES)[0])
     n = math.prod(mesh.shape[a] for a in spec_axes)
     if batch_size % n:
         raise ShardingError(

@@ -20,10 +20,12 @@ class CheckpointMismatchError(ValueError):
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=keep, enable_async_checkpointing=async_save and not read_only,
+            create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data"))
 

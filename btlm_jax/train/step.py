@@ -59,44 +59,70 @@ def loss_sum_and_count(model, params, batch):
     return jnp.sum(losses * w), jnp.sum(w)
 
 
+def _identity(x):
+    return x
+
+
+def _accumulated_grads(grad_fn, params, batch, k: int, to_host, unrolled: bool):
+    """Gradient sums, loss sum and token count over ``k`` micro-batches along the batch axis.
+
+    A ``lax.scan`` by default; ``unrolled`` (weight streaming) uses a Python loop so each
+    micro-batch's gradients go to the state's home (``to_host``) and are summed there, with no
+    stacked gradient buffer on the devices.
+    """
+    if k == 1:
+        (loss_sum, count), grads = grad_fn(params, batch)
+        return to_host(grads), loss_sum, count
+    micro = jax.tree_util.tree_map(
+        lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+    if unrolled:
+        grads, loss_sum, count = None, jnp.float32(0), jnp.float32(0)
+        for i in range(k):
+            (l, c), g = grad_fn(params, jax.tree_util.tree_map(lambda x, i=i: x[i], micro))
+            g = to_host(g)
+            grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+            loss_sum, count = loss_sum + l, count + c
+        return grads, loss_sum, count
+
+    def body(carry, mb):
+        g_acc, l_acc, c_acc = carry
+        (l, c), g = grad_fn(params, mb)
+        return (jax.tree_util.tree_map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+    return grads, loss_sum, count
+
+
 def train_step(state: TrainState, batch, *, model: BTLM, tx: optax.GradientTransformation,
-               lr_schedule, grad_accum_steps: int = 1):
+               lr_schedule, grad_accum_steps: int = 1, to_device=_identity, to_host=_identity,
+               streams: bool = False):
     """One optimizer step. The loss is the mean over all unmasked tokens of the global batch.
 
     With ``grad_accum_steps = k`` the batch is split into k micro-batches along the batch axis and
-    their gradients are summed in a ``lax.scan``; the result equals the one-shot gradient.
+    their gradients summed; the result equals the one-shot gradient. ``to_device`` / ``to_host``
+    are the placement's hooks (identity in the standard layout; weight streaming moves the
+    gradients to host memory as they arrive and runs the update on device copies of the state).
     """
     batch = {k: batch[k] for k in BATCH_KEYS}
+    grad_fn = jax.value_and_grad(lambda p, mb: loss_sum_and_count(model, p, mb), has_aux=True)
+    grads, loss_sum, count = _accumulated_grads(
+        grad_fn, state.params, batch, grad_accum_steps, to_host, streams)
 
-    def summed(params, mb):
-        return loss_sum_and_count(model, params, mb)
+    def update(params, opt_state, grads, count):
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, optax.tree.norm(grads), optax.tree.norm(params)
 
-    grad_fn = jax.value_and_grad(summed, has_aux=True)
-    if grad_accum_steps == 1:
-        (loss_sum, count), grads = grad_fn(state.params, batch)
-    else:
-        micro = jax.tree_util.tree_map(
-            lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
-            batch)
-
-        def body(carry, mb):
-            g_acc, l_acc, c_acc = carry
-            (l, c), g = grad_fn(state.params, mb)
-            return (jax.tree_util.tree_map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
-
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        (grads, loss_sum, count), _ = jax.lax.scan(
-            body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-    loss = loss_sum / denom
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, grad_norm, param_norm = update(
+        *to_device((state.params, state.opt_state, grads, to_host(count))))
+    params, opt_state = to_host((params, opt_state))
     metrics = {
-        "loss": loss,
+        "loss": loss_sum / jnp.maximum(count, 1.0),
         "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(params),
+        "param_norm": param_norm,
         "lr": lr_schedule(state.step),
         "num_tokens": count,
     }

@@ -52,7 +52,7 @@ def train_step_memory(cfg, mesh: tuple[int, int, int], *, seq_len: int | None = 
     import ml_collections
 
     from btlm_jax.config import parse_phases
-    from btlm_jax.train.loop import Trainer
+    from btlm_jax.train.program import Program
 
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
@@ -63,7 +63,7 @@ def train_step_memory(cfg, mesh: tuple[int, int, int], *, seq_len: int | None = 
         match = [p for p in phases if p[0] == seq_len]
         bs = match[0][1] if match else phases[-1][1]
     bs = int(batch_size or bs)
-    tr = Trainer.for_compile(cfg, devices)
+    tr = Program.from_config(cfg, devices)
     compiled = tr.compile_train_step(seq_len, bs)
     ma = compiled.memory_analysis()
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
@@ -81,9 +81,8 @@ def train_step_memory(cfg, mesh: tuple[int, int, int], *, seq_len: int | None = 
         total -= state_host
     return {
         "mesh": dict(tr.mesh.shape), "layout": cfg.mesh.layout, "seq_len": seq_len,
-        "global_batch": bs, "per_device_batch": bs // int(np.prod(
-            [tr.mesh.shape[a] for a in (tr.streaming.batch_axes if tr.streaming else
-                                        ("data", "fsdp"))])),
+        "global_batch": bs,
+        "per_device_batch": bs // int(np.prod([tr.mesh.shape[a] for a in tr.place.batch_axes])),
         "backend": jax.default_backend(), "num_devices": tr.mesh.size,
         "state_bytes_per_device_on_device": _bytes(tr.abstract_state, host=False),
         "state_bytes_per_device_in_host_memory": state_host,

@@ -1,0 +1,222 @@
+"""Periodic work of the training loop as hooks, and the metric sinks.
+
+A :class:`Hook` is a function of the loop's :class:`Context` run every ``every`` steps (and on the
+last step when ``at_end``). The loop (:mod:`btlm_jax.train.loop`) runs the hooks after each step in
+the order they were registered: record the step's metrics, evaluate, check them, write them to
+the sinks, advance the progress bar, save a checkpoint, honour preemption. Add a hook with
+:meth:`Hooks.add` to run your own work at a period (e.g. a probe every 500 steps).
+
+Sinks receive each logged record: :class:`JsonlSink` (``metrics.jsonl``), :class:`TensorBoardSink`
+and :class:`WandbSink` (``logging.wandb=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+
+@dataclasses.dataclass
+class Context:
+    """What the hooks see and change after each step."""
+
+    step: int
+    total_steps: int
+    state: Any
+    metrics: Any = None  # the step's device metrics
+    phase: int = 0
+    seq_len: int = 0
+    record: dict | None = None  # the metrics record being logged at this step, if any
+    stop: bool = False
+    preempted: bool = False
+    last_record: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_last(self) -> bool:
+        return self.step >= self.total_steps
+
+
+@dataclasses.dataclass
+class Hook:
+    name: str
+    every: int
+    fn: Callable[[Context], None]
+    at_end: bool = True
+
+    def due(self, ctx: Context) -> bool:
+        return ctx.step % self.every == 0 or (self.at_end and ctx.is_last)
+
+
+class Hooks:
+    def __init__(self):
+        self.hooks: list[Hook] = []
+        self.closers: list[Callable[[], None]] = []
+
+    def add(self, name: str, every: int, fn: Callable[[Context], None], at_end: bool = True):
+        self.hooks.append(Hook(name, max(int(every), 1), fn, at_end))
+
+    def on_close(self, fn: Callable[[], None]):
+        self.closers.append(fn)
+
+    def __call__(self, ctx: Context) -> None:
+        for h in self.hooks:
+            if h.due(ctx):
+                h.fn(ctx)
+
+    def close(self) -> None:
+        for fn in reversed(self.closers):
+            fn()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sinks.
+
+
+def _finite_scalars(record: dict) -> dict:
+    return {k: v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+class JsonlSink:
+    """``metrics.jsonl``: one JSON object per logged step (process 0 writes)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if self.path.exists():
+            # Lines past the restored checkpoint came from work that was lost; they are logged
+            # again (identically) by this run, so drop them to keep one line per step.
+            kept = []
+            for ln in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(ln)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash or a full disk
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(ln)
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict):
+        # JSON has no inf/nan (e.g. tau is infinite while the LR is 0): write null instead.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def close(self):
+        pass
+
+
+class TensorBoardSink:
+    def __init__(self, logdir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(logdir))
+
+    def write(self, record: dict):
+        for k, v in _finite_scalars(record).items():
+            self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        self.tb.close()
+
+
+class WandbSink:
+    """Weights & Biases (``logging.wandb``); offline (files under ``RUN/wandb``) when not
+    logged in or ``logging.wandb_mode=offline``: ``wandb sync RUN/wandb/offline-*`` uploads."""
+
+    def __init__(self, cfg, run_path: Path):
+        try:
+            import wandb
+        except ImportError:
+            from btlm_jax.config import ConfigError
+
+            raise ConfigError("logging.wandb=True needs the wandb package: pip install "
+                              "'btlm_jax[wandb]' (or set logging.wandb=False)") from None
+        mode = cfg.logging.wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
+        self.run = wandb.init(
+            project=cfg.logging.wandb_project, name=run_path.name, dir=str(run_path),
+            id=_stable_id(run_path), resume="allow", mode=mode,
+            config=json.loads(cfg.to_json_best_effort()))
+
+    def write(self, record: dict):
+        self.run.log(_finite_scalars(record), step=int(record["step"]))
+
+    def close(self):
+        self.run.finish()
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _stable_id(run_path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(run_path).encode()).hexdigest()[:16]
+
+
+def make_sinks(cfg, run_path: Path, resume_step: int) -> list:
+    if jax.process_index() != 0:
+        return []
+    sinks: list = [JsonlSink(run_path / "metrics.jsonl", resume_step)]
+    if cfg.logging.tensorboard:
+        sinks.append(TensorBoardSink(run_path / "tensorboard"))
+    if cfg.logging.wandb:
+        sinks.append(WandbSink(cfg, run_path))
+    return sinks
+
+
+class ProgressBar:
+    """A tqdm bar over steps (process 0) whose postfix shows the last logged record."""
+
+    def __init__(self, total: int, initial: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                        file=sys.stdout, mininterval=1.0)
+
+    def update(self, ctx: Context) -> None:
+        rec = ctx.record
+        if rec is not None:
+            post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_sec']:.0f}",
+                    "TFLOP/s": f"{rec['model_tflops']:.3g}"}
+            mfu = rec.get("mfu_nominal", rec.get("mfu_measured"))
+            if mfu is not None:
+                post["MFU"] = f"{100 * mfu:.1f}%"
+            if "eval_loss" in rec:
+                post["eval"] = f"{rec['eval_loss']:.3f}"
+            self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+class Throughput:
+    """Tokens per second over the window since the last logged step."""
+
+    def __init__(self):
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, n: int):
+        self.tokens += n
+
+    def take(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        self.tokens, self.start = 0, now
+        return rate
