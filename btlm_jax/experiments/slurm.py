@@ -59,8 +59,11 @@ def executor(out_dir: str | Path, *, cluster: str | None = None, job_name: str =
     """A ``submitit`` executor for a sweep, logs under ``OUT/slurm/``."""
     if submitit is None:
         raise SweepError("--slurm needs the submitit package: pip install 'btlm_jax[slurm]'")
-    ex = submitit.AutoExecutor(folder=str(Path(out_dir) / "slurm" / "%j"), cluster=cluster,
-                               slurm_max_num_timeout=requeues)
+    try:
+        ex = submitit.AutoExecutor(folder=str(Path(out_dir) / "slurm" / "%j"), cluster=cluster,
+                                   slurm_max_num_timeout=requeues)
+    except RuntimeError as e:  # no srun/sbatch here
+        raise SweepError(f"--slurm: {e} (--cluster local runs the array as local processes)")
     params = dict(name=job_name, timeout_min=minutes(time_limit), cpus_per_task=cpus_per_task,
                   tasks_per_node=1, nodes=1, slurm_signal_delay_s=120)
     if gpus_per_task:
