@@ -123,6 +123,10 @@ def default_config() -> ml_collections.ConfigDict:
     e.every_steps = 50
     e.num_batches = 4
     e.batch_size = 8
+    # lm-evaluation-harness tasks at evaluation steps on the live parameters (btlm_jax.harness):
+    e.harness_tasks = ""  # comma-separated lm_eval task names; empty = off
+    e.harness_include_path = ""  # directory of extra task YAMLs
+    e.harness_limit = 0  # documents per task (0 = all)
 
     k = c.checkpoint = ml_collections.ConfigDict()
     k.every_steps = 100
