@@ -1,6 +1,7 @@
 """Each reproduction command runs its --smoke grid end to end (real training of a few steps on the
 embedded corpus), writes results.jsonl and its PNG figures, and a notebook executes on the smoke
-results. The smoke runs are shared by the tests of one experiment (module-scoped fixtures)."""
+results. The smoke runs are shared by the tests of one experiment (module-scoped fixtures). Every
+run is a cell of configs/experiments/NAME.py: its task.json holds the plain main command."""
 
 import importlib
 import json
@@ -12,10 +13,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _smoke(tmp_path_factory, name: str, workers: int = 0) -> pathlib.Path:
+def _smoke(tmp_path_factory, name: str, workers: int = 0, extra=()) -> pathlib.Path:
     out = tmp_path_factory.mktemp(f"repro_{name}")
     mod = importlib.import_module(f"experiments.{name}")
-    assert mod.main(["--smoke", "--out", str(out), "--workers", str(workers)]) == 0
+    assert mod.main(["--smoke", "--out", str(out), "--workers", str(workers), *extra]) == 0
+    for task in (out / "runs").glob("*/task.json"):
+        cmd = json.loads(task.read_text())["command"]
+        assert cmd[1:4] == ["-m", "btlm_jax.main",
+                            f"--config={ROOT / 'configs' / 'experiments' / name}.py:smoke"]
+        assert cmd[-1] == f"--workdir={task.parent}"
     return out
 
 
@@ -93,10 +99,12 @@ def test_alibi_pi_smoke_evaluates_every_length_with_and_without_pi(tmp_path_fact
 
 @pytest.mark.slow
 def test_mup_smoke(tmp_path_factory):
-    out = _smoke(tmp_path_factory, "mup")
+    # a --config.KEY=VALUE option is set in every run, typed as main types it
+    out = _smoke(tmp_path_factory, "mup", extra=["--config.optim.weight_decay=0.25"])
     results = _check_outputs(out, 2, ["mup_lr_transfer.png"])
     assert {r["meta"]["param"] for r in results} == {"mup", "sp"}
     assert {r["overrides"]["model.mup.enabled"] for r in results} == {True, False}
+    assert {r["overrides"]["optim.weight_decay"] for r in results} == {0.25}
 
 
 @pytest.mark.slow
@@ -114,3 +122,13 @@ def test_alibi_pi_rejects_a_too_short_training_length(tmp_path, capsys):
 
     assert alibi_pi.main(["--train-len", "4", "--out", str(tmp_path)]) == 2
     assert "--train-len=4" in capsys.readouterr().err
+
+
+def test_bad_options_are_named_before_anything_runs(tmp_path, capsys):
+    from experiments import d2z
+
+    assert d2z.main(["--lrs", "1e-3,x", "--out", str(tmp_path)]) == 2
+    assert "--lrs='1e-3,x': 'x' is not a number" in capsys.readouterr().err
+    assert d2z.main(["--smoke", "--config.optim.peak_rl=1", "--out", str(tmp_path)]) == 2
+    assert "--config.optim.peak_rl" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
