@@ -40,9 +40,10 @@ class LoadedModel:
     """A model, its parameters and tokenizer, ready for logits and generation."""
 
     def __init__(self, cfg, model, params, tokenizer=None, step: int = 0, mesh=None,
-                 source: str = ""):
+                 source: str = "", rules=None):
         self.cfg, self.model, self.params = cfg, model, params
         self.tokenizer, self.step, self.mesh, self.source = tokenizer, int(step), mesh, source
+        self.rules = rules  # logical axis rules of the run's mesh (activation constraints)
         self._logits_fn = None
         self._generator = None
 
@@ -53,7 +54,13 @@ class LoadedModel:
                 f"tokenizer={self.tokenizer!r})")
 
     def _context(self):
-        return self.mesh if self.mesh is not None else contextlib.nullcontext()
+        """The run's logical axis rules, read by the model's constraints at trace time (as the
+        training program runs its steps; the parameters carry the mesh through their shardings)."""
+        import flax.linen as nn
+
+        if self.rules is None:
+            return contextlib.nullcontext()
+        return nn.logical_axis_rules(self.rules)
 
     def logits(self, ids, alibi_scale: float = 1.0) -> np.ndarray:
         """Float32 logits [B, T, vocab] for int token ids [B, T] (or one sequence [T]).
@@ -170,8 +177,9 @@ def load_model(path, step: int | None = None, *, dtype: str | None = None) -> Lo
         from btlm_jax.eval.session import load_run
 
         run = load_run(p, step)
+        program = getattr(run, "program", None)
         return LoadedModel(run.cfg, run.model, run.params, run.tokenizer, run.step,
-                           getattr(run, "mesh", None), str(p))
+                           getattr(run, "mesh", None), str(p), getattr(program, "rules", None))
     raise LoadError(f"{path} has no config.json: give a run directory (python -m btlm_jax.main / "
                     "python -m btlm_jax.convert import) or a Hugging Face checkpoint folder")
 

@@ -14,8 +14,8 @@ _LAYOUT = flags.DEFINE_enum("layout", None, ["btlm", "gpt2"], "export: layout (d
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "export: tensor dtype (default: the parameters' dtype).")
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", "", "import: tokenizer file (tokenizer.json or sentencepiece .model); default: "
-    "HF_DIR/tokenizer.json.")
+    "tokenizer", "", "import: tokenizer file or directory (tokenizer.json, GPT-2 vocab.json + "
+    "merges.txt, sentencepiece .model) or 'bytes'; default: HF_DIR's own tokenizer files.")
 _STEP = flags.DEFINE_integer("step", -1, "export: checkpoint step (-1: latest).")
 
 USAGE = ("usage: python -m btlm_jax.convert import --hf_dir=DIR --workdir=RUN [--tokenizer=PATH]\n"
@@ -29,7 +29,7 @@ def import_checkpoint(hf_dir: str, workdir: str, tokenizer: str = "") -> dict:
 
     from btlm_jax.config import default_config
     from btlm_jax.convert import hf
-    from btlm_jax.data.tokenizer import load_tokenizer
+    from btlm_jax.data.tokenizer import TokenizerError, load_tokenizer
     from btlm_jax.train.program import Program
     from btlm_jax.train.run_dir import RunDir
     from btlm_jax.train.step import TrainState
@@ -37,19 +37,23 @@ def import_checkpoint(hf_dir: str, workdir: str, tokenizer: str = "") -> dict:
     wd = Path(workdir)
     if (wd / "checkpoints").exists() and any((wd / "checkpoints").iterdir()):
         raise hf.ConversionError(f"{wd} already holds checkpoints; import into a new --workdir")
-    tok = tokenizer or str(Path(hf_dir) / "tokenizer.json")
-    if tok != "bytes" and not Path(tok).exists():
+    tok = tokenizer or str(hf_dir)  # the folder's tokenizer.json or vocab.json + merges.txt
+    try:
+        tok_obj = load_tokenizer(tok)
+    except TokenizerError as e:
         raise hf.ConversionError(
-            f"no tokenizer: {tok} does not exist. Pass --tokenizer=PATH (a tokenizer.json or a "
-            "sentencepiece .model matching the checkpoint's vocabulary)")
+            f"no tokenizer: {e}. Pass --tokenizer=PATH (a tokenizer.json, a folder with "
+            "vocab.json + merges.txt, or a sentencepiece .model matching the checkpoint's "
+            "vocabulary)") from None
     cfg, params, layout = hf.load_hf(hf_dir, default_config())
     m = cfg.model
+    # the tokenizer's files are pinned into RUN/tokenizer/ by RunDir.create
     cfg.data.tokenizer = tok if tok == "bytes" else str(Path(tok).absolute())
     seq = int(m.train_seq_len) or min(int(m.max_seq_len), 2048)
     cfg.train.seq_len = min(seq, int(m.max_seq_len)) if m.position == "learned" else seq
     if m.position == "alibi" and not int(m.train_seq_len):
         m.train_seq_len = int(m.max_seq_len)  # the HF config's context length
-    run = RunDir.create(wd, cfg, load_tokenizer(cfg.data.tokenizer))
+    run = RunDir.create(wd, cfg, tok_obj)
     program = Program.from_config(run.cfg)
     params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params),
                             program.state_shardings.params)
@@ -69,13 +73,16 @@ def export_checkpoint(workdir: str, out: str, layout: str | None = None, dtype: 
     from btlm_jax.eval.session import load_run
 
     run = load_run(workdir, step)
+    # the run's pinned tokenizer files (vocab.json + merges.txt, tokenizer.json ...) go next to
+    # the weights
     return hf.save_hf(run.params, run.cfg.model, out, layout, dtype=dtype,
-                      eos_token_id=run.tokenizer.eos_id)
+                      eos_token_id=run.tokenizer.eos_id, tokenizer=run.tokenizer)
 
 
 def main(argv):
     from btlm_jax.config import ConfigError
     from btlm_jax.convert.hf import ConversionError
+    from btlm_jax.data.tokenizer import TokenizerError
     from btlm_jax.train.run_dir import RunError
     from btlm_jax.train.checkpoint import CheckpointMismatchError
 
@@ -95,8 +102,9 @@ def main(argv):
                 raise ConversionError("export needs --workdir and --out")
             path = export_checkpoint(_WORKDIR.value, _OUT.value, _LAYOUT.value, _DTYPE.value,
                                      None if _STEP.value < 0 else _STEP.value)
-            print(f"wrote {path / 'config.json'} and {path / 'model.safetensors'}")
-    except (ConversionError, ConfigError, CheckpointMismatchError, RunError) as e:
+            names = ", ".join(sorted(q.name for q in path.iterdir() if q.is_file()))
+            print(f"wrote {path}: {names}")
+    except (ConversionError, ConfigError, CheckpointMismatchError, RunError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

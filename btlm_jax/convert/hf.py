@@ -395,8 +395,9 @@ def checked_slopes(tensors: dict, n_heads: int) -> tuple[float, ...]:
 
     ``transformer.relative_pe.slopes`` must be the standard slopes for ``n_heads`` to within one
     unit in the last place of the dtype they are stored in (the published checkpoint stores bf16,
-    which moves them by up to 0.4%). Returns their exact values as floats, or ``()`` when absent
-    or equal to the standard slopes in float32 (nothing to carry).
+    which moves them by up to 0.4%), or of bf16 / float16 when every value is exactly one (bf16
+    slopes exported as float32). Returns their exact values as floats, or ``()`` when absent or
+    equal to the standard slopes in float32 (nothing to carry).
     """
     if "transformer.relative_pe.slopes" not in tensors:
         return ()
@@ -408,6 +409,11 @@ def checked_slopes(tensors: dict, n_heads: int) -> tuple[float, ...]:
     except ValueError:
         raise ConversionError(f"transformer.relative_pe.slopes has dtype {raw.dtype}: expected a "
                               "floating-point tensor") from None
+    import ml_dtypes
+
+    for narrow in (ml_dtypes.bfloat16, np.float16):  # bf16 values re-exported as float32 keep
+        if np.array_equal(got.astype(narrow).astype(np.float64), got):  # bf16 precision
+            eps = max(eps, float(ml_dtypes.finfo(narrow).eps))
     if got.shape != std.shape or not np.all(np.abs(got - std) <= eps * std):
         worst = "" if got.shape != std.shape else \
             f" (largest relative difference {np.max(np.abs(got - std) / std):.3g})"
