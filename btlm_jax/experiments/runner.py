@@ -63,6 +63,9 @@ def _submit(tasks: Sequence[Task], out_dir: Path, args, job_name: str, log) -> b
     """Submits the array; waits for it unless it went to a real SLURM queue. Returns waited?"""
     from btlm_jax.experiments import slurm
 
+    if all(t.finished() for t in tasks):
+        log("[sweep] every run is finished; gathering results")
+        return True
     ex = slurm.executor(out_dir, cluster=args.cluster, job_name=job_name,
                         partition=args.partition, time_limit=args.time,
                         cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
@@ -205,12 +208,12 @@ def main(name: str, argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     try:
         tasks, info = plan(spec, args, split_override_args(rest))
+        log(f"[{name}] {len(tasks)} runs ({info.get('headline', '')}); data: {info['data']}; "
+            f"out: {out}")
+        results, complete = launch(tasks, out, args, job_name=name)
     except (exp_data.ExperimentError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log(f"[{name}] {len(tasks)} runs ({info.get('headline', '')}); data: {info['data']}; "
-        f"out: {out}")
-    results, complete = launch(tasks, out, args, job_name=name)
     if args.slurm and not complete:
         return 0
     if results:
