@@ -53,13 +53,14 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(cache_dir, tmp_path_factory):
-    from btlm_jax.train.loop import Trainer
+    from btlm_jax.train.loop import train
+    from btlm_jax.train.program import Program
 
     wd = tmp_path_factory.mktemp("phases") / "ref"
-    tr = Trainer(_cfg(cache_dir), str(wd))
-    out = tr.run()
+    out = train(_cfg(cache_dir), str(wd))
     assert out["complete"] and out["step"] == 6
-    lrs = [float(tr.lr_schedule(i)) for i in range(6)]
+    schedule = Program.from_config(_cfg(cache_dir)).lr_schedule
+    lrs = [float(schedule(i)) for i in range(6)]
     return wd, lrs
 
 
@@ -68,8 +69,11 @@ def test_phase_change_mid_run(reference):
     rec = _records(wd)
     assert [r["step"] for r in rec] == [1, 2, 3, 4, 5, 6]
     assert [r["phase"] for r in rec] == [0, 0, 0, 1, 1, 1]
-    # concat packing fills every row: 8 x 32 and 4 x 64 tokens per step
+    # concat packing fills every row: 8 x 32 and 4 x 64 tokens per step, counted per source in
+    # the train step
     assert all(r["num_tokens"] == 256 for r in rec), [r["num_tokens"] for r in rec]
+    assert [sum(v for k, v in r.items() if k.startswith("tokens/")) for r in rec] == \
+        [256 * s for s in range(1, 7)]
     # one LR schedule and one step counter across the phases
     np.testing.assert_allclose([r["lr"] for r in rec], lrs, rtol=1e-6)
     assert all(np.isfinite(r["loss"]) for r in rec)

@@ -1,7 +1,14 @@
-"""The training data as the loop consumes it: this process's rows of each step's batch, by phase.
+"""The training data as the loop consumes it: each step's global batch, and the token counters.
 
-Wraps the Grain pipeline of :mod:`btlm_jax.data.pipeline` (one iterator per variable-length
-phase), keeps the per-source token counters, and gives the state saved in checkpoints.
+The batches are step-keyed (:class:`btlm_jax.data.pipeline.StepData`): the global batch of step
+``i`` is a pure function of the config and ``i``, whatever the number of processes, and each
+process reads only the rows its devices hold. So the only data state a checkpoint carries is the
+per-source token counters; the position in the data is the step itself, and a checkpoint written
+by N processes resumes on M processes with the same batches.
+
+The counters are counted inside the jitted train step (``tokens_per_source`` in its metrics: the
+loss-masked target tokens of the whole global batch per source), so they are global by
+construction; the throughput (``tokens_per_sec``) is computed from the same counts.
 """
 
 from __future__ import annotations
@@ -10,6 +17,9 @@ import jax
 import numpy as np
 
 from btlm_jax.train.run_dir import log
+from btlm_jax.train.step import BATCH_KEYS
+
+KEYS = BATCH_KEYS + ("source_ids",)  # what the counting train step reads
 
 
 class TrainFeed:
@@ -18,47 +28,77 @@ class TrainFeed:
 
         self.cfg, self.tokenizer, self.phases, self.phase_of = cfg, tokenizer, phases, phase_of
         self.pipeline = pipeline
-        self.sources = list(pipeline.source_names(cfg))
+        self.data = pipeline.StepData(cfg, tokenizer, jax.process_index(), jax.process_count(),
+                                      log=log)
+        self.sources = list(self.data.source_names)
         self.counters = {s: 0 for s in self.sources}
-        self.phase, self.it, self._saved = None, None, None
-        self.last_tokens = 0
+        self.phase = None
+        self._pending: list = []  # per-step tokens_per_source device arrays not yet added up
+        self._window = 0  # tokens added up since the last take_tokens()
 
     def restore(self, saved: dict | None) -> None:
-        """Resumes from a checkpoint's data state (iterator position and counters)."""
+        """Resumes the token counters from a checkpoint's data state (the step is the data
+        position; an older checkpoint's iterator state is ignored)."""
         if saved:
-            self._saved = saved
             self.counters.update(saved.get("tokens_per_source") or {})
 
-    def _open(self, phase: int) -> None:
-        seq_len, batch_size, _ = self.phases[phase]
-        if self.it is not None:
-            log(f"phase {phase}: seq_len {seq_len}, batch {batch_size}")
-        self.it = self.pipeline.make_train_iterator(
-            self.cfg, self.tokenizer, seq_len=seq_len, batch_size=batch_size, phase=phase,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        saved, self._saved = self._saved, None
-        if saved is not None and saved.get("phase") == phase and saved.get("iterator"):
-            self.it.set_state(saved["iterator"])
-        self.phase = phase
-
     def next(self, step: int) -> dict:
-        """This process's rows of the batch of step ``step`` (0-based); counts tokens."""
+        """This process's rows ``[p * B / P, (p + 1) * B / P)`` of the batch of step ``step``."""
         phase = self.phase_of(step)
         if phase != self.phase:
-            self._open(phase)
-        local = next(self.it)
-        src = np.asarray(local["source_ids"])
-        mask = np.asarray(local["loss_mask"]) > 0
-        for i, n in enumerate(np.bincount(src[mask], minlength=len(self.sources))):
-            self.counters[self.sources[i]] += int(n)
-        self.last_tokens = int(mask.sum()) * jax.process_count()
-        return local
+            if self.phase is not None:
+                seq_len, batch_size, _ = self.phases[phase]
+                log(f"phase {phase}: seq_len {seq_len}, batch {batch_size}")
+            self.phase = phase
+        return self.data.local_batch(step)
+
+    def global_batch(self, step: int, sharding) -> dict:
+        """The global batch of step ``step`` as arrays on ``sharding``; every device gets exactly
+        its rows (this process reads its own block; rows of another process's block, which a mesh
+        that does not order processes along the batch would ask for, are read directly)."""
+        local = self.next(step)
+        lo, hi = self.data.local_range(step)
+        b, seq_len = self.data.batch_shape(step)
+        other: dict = {}
+
+        def rows(key, index):
+            r = index[0]
+            start, stop, _ = r.indices(b)
+            if lo <= start and stop <= hi:
+                v = local[key][start - lo:stop - lo]
+            else:
+                if (start, stop) not in other:
+                    other[(start, stop)] = self.data.rows(step, start, stop)
+                v = other[(start, stop)][key]
+            return v[(slice(None),) + tuple(index[1:])]
+
+        return {k: jax.make_array_from_callback((b, seq_len), sharding,
+                                                lambda i, k=k: rows(k, i)) for k in KEYS}
+
+    def count(self, metrics) -> None:
+        """Takes the step's ``tokens_per_source`` (a device array; added up lazily)."""
+        self._pending.append(metrics["tokens_per_source"])
+
+    def _flush(self) -> None:
+        if self._pending:
+            total = np.sum(np.stack(jax.device_get(self._pending)).astype(np.int64), axis=0)
+            self._pending = []
+            for s, n in zip(self.sources, total):
+                self.counters[s] += int(n)
+            self._window += int(total.sum())
+
+    def take_tokens(self) -> int:
+        """Global tokens trained on since the last call (for tokens/s)."""
+        self._flush()
+        n, self._window = self._window, 0
+        return n
 
     @property
     def skipped_documents(self) -> int:
-        return int(getattr(self.it, "skipped_documents", 0) or 0)
+        return int(self.data.skipped_records or 0)
 
     def token_metrics(self) -> dict:
+        self._flush()
         seen = sum(self.counters.values())
         out = {}
         for s, n in self.counters.items():
@@ -67,8 +107,11 @@ class TrainFeed:
         return out
 
     def state(self) -> dict:
-        return {"phase": self.phase, "iterator": self.it.get_state() if self.it else None,
-                "tokens_per_source": dict(self.counters)}
+        self._flush()
+        return {"phase": self.phase, "tokens_per_source": dict(self.counters)}
+
+    def close(self) -> None:
+        self.data.close()
 
     def eval_batches(self, seq_len: int) -> list:
         if not hasattr(self, "_eval_cache"):

@@ -4,7 +4,8 @@ Data flow: config -> :class:`~btlm_jax.train.program.Program` (pure: mesh, model
 shardings, jitted steps) -> this loop (data feed, hooks) -> :func:`~btlm_jax.train.step.train_step`
 -> :class:`~btlm_jax.models.btlm.BTLM`. The run directory (:mod:`btlm_jax.train.run_dir`) holds
 everything needed to resume exactly: ``config.json``, ``tokenizer/``, ``checkpoints/`` (Orbax,
-with the data iterator state), ``metrics.jsonl`` and TensorBoard events.
+with the token counters: the data position is the step, see :mod:`~btlm_jax.train.feed`),
+``metrics.jsonl`` and TensorBoard events.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ml_collections
 from btlm_jax import optim
 from btlm_jax.train.feed import TrainFeed
 from btlm_jax.train.hooks import Context, Hooks, ProgressBar, Throughput, make_sinks
+from btlm_jax.train.preemption import StopVote
 from btlm_jax.train.program import Program
 from btlm_jax.train.run_dir import Preemption, RunDir, log
 
@@ -61,7 +63,9 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
 
     def record(ctx: Context):
         if ctx.record is None:
-            rec = {"step": ctx.step, **_to_float(ctx.metrics), "tokens_per_sec": rate.take()}
+            rate.add(feed.take_tokens())  # global tokens, counted in the train step
+            scalars = {k: v for k, v in ctx.metrics.items() if k != "tokens_per_source"}
+            rec = {"step": ctx.step, **_to_float(scalars), "tokens_per_sec": rate.take()}
             rec.update(mfu_metrics(cfg, rec["tokens_per_sec"], ctx.seq_len))
             rec.update(phase=ctx.phase, **feed.token_metrics())
             if feed.skipped_documents:
@@ -93,15 +97,20 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
         ckpt.save(ctx.step, ctx.state, feed.state(), force=True)
         saved["step"] = ctx.step
 
+    vote = StopVote()
+
     def stop_if_preempted(ctx: Context):
-        if pre.requested:
+        # every process votes every step; all stop (and save, collectively) at the same step
+        if vote.vote(pre.requested):
             if saved["step"] != ctx.step:
                 save(ctx)
             ctx.stop = ctx.preempted = True
-            log(f"{pre.name} received: saved a checkpoint at step {ctx.step}; rerun the same "
-                "command to resume")
+            why = f"{pre.name} received" if pre.requested else "another process was preempted"
+            who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+            print(f"[btlm_jax] {who}{why}: saved a checkpoint at step {ctx.step}; rerun the same "
+                  "command to resume", flush=True)
 
-    hooks.add("throughput", 1, lambda ctx: rate.add(feed.last_tokens))
+    hooks.add("count", 1, lambda ctx: feed.count(ctx.metrics))
     hooks.add("record", cfg.train.log_every_steps, record)
     hooks.add("evaluate", cfg.eval.every_steps, evaluate)
     hooks.add("check", 1, check)
@@ -144,15 +153,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[st
         return {"step": ctx.step, "complete": True}
     with Preemption() as pre:
         hooks = default_hooks(run, program, feed, ckpt, pre, ctx.step)
+        train_step = program.counting_train_step(len(feed.sources))
         try:
             while not ctx.stop and not ctx.is_last:
-                batch = program.to_global(feed.next(ctx.step))
+                batch = feed.global_batch(ctx.step, program.batch_sharding)
                 ctx.phase, ctx.seq_len = feed.phase, program.phases[feed.phase][0]
-                ctx.state, ctx.metrics = program.train_step(ctx.state, batch)
+                ctx.state, ctx.metrics = train_step(ctx.state, batch)
                 ctx.step, ctx.record = ctx.step + 1, None
                 hooks(ctx)
         finally:
             hooks.close()
             ckpt.close()
+            feed.close()
     return {"step": ctx.step, "preempted": ctx.preempted, "complete": ctx.is_last,
             **ctx.last_record}

@@ -132,6 +132,28 @@ class Program:
     def train_step(self):
         return self.under_rules(self.jit_train_step())
 
+    def counting_train_step(self, num_sources: int):
+        """The jitted train step that also returns ``tokens_per_source`` (int32
+        ``[num_sources]``): the loss-masked target tokens of the global batch per ``source_ids``
+        (which the batch then carries), counted on the devices, hence global whatever the
+        process count. The loop trains with it."""
+        key = ("train", num_sources)
+        if key not in self._eval_steps:  # (the dict caches every jitted step of the program)
+            base = self.train_step_fn()
+
+            def fn(state, batch):
+                state, metrics = base(state, {k: batch[k] for k in BATCH_KEYS})
+                counted = batch["loss_mask"] > 0
+                metrics["tokens_per_source"] = jnp.stack(
+                    [jnp.sum(counted & (batch["source_ids"] == i), dtype=jnp.int32)
+                     for i in range(num_sources)])
+                return state, metrics
+
+            self._eval_steps[key] = self.under_rules(jax.jit(
+                fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                out_shardings=(self.state_shardings, None), donate_argnums=(0,)))
+        return self._eval_steps[key]
+
     def compile_train_step(self, seq_len: int, batch_size: int):
         """Lowers and compiles the train step for abstract inputs (nothing is allocated)."""
         with nn.logical_axis_rules(self.rules):
