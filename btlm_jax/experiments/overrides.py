@@ -55,7 +55,8 @@ def split_override_args(args: Sequence[str]) -> dict[str, str]:
     out = {}
     for a in args:
         if not a.startswith("--config.") or "=" not in a:
-            raise SweepError(f"{a!r}: expected --config.KEY=VALUE")
+            raise SweepError(f"unrecognized argument {a!r} (a config override is "
+                             "--config.KEY=VALUE)")
         key, _, value = a[len("--config."):].partition("=")
         out[key] = value
     return out
