@@ -179,15 +179,16 @@ def plan(spec, args, cli_overrides: dict | None = None) -> tuple[list[Task], dic
     parsed = load_config(config, [f"--config.{k}={v}" for k, v in cli_overrides.items()])
     base = load_config(config)
     cli = {k: get_value(parsed, k) for k in cli_overrides}  # typed by main's parser
+    swept = sorted({k for cases in sweep["axes"].values() for ov in cases.values() for k in ov}
+                   & set(cli))
+    if swept:
+        raise SweepError(f"--config.{swept[0]}: the experiment's grid sets this key in every run")
     data = exp_data.prepare_data(args.data, out)
     fixed = _fixed(base, data, args, sweep, cli)
     axes, info = dict(sweep["axes"]), dict(sweep.get("info", {}))
     if sweep.get("prepare"):
         extra = _hook(sweep["prepare"])(args, out, data, **sweep.get("prepare_args", {}))
         axes, info = {**extra.get("axes", {}), **axes}, {**info, **extra.get("info", {})}
-    swept = sorted({k for cases in axes.values() for ov in cases.values() for k in ov} & set(cli))
-    if swept:
-        raise SweepError(f"--config.{swept[0]}: the experiment's grid sets this key in every run")
     tasks = make_tasks(config, base, axes, fixed, sweep, out)
     info = {"experiment": spec.NAME, "data": data["name"], "scale": args.scale,
             "config": config, **info, "smoke": bool(args.smoke)}
