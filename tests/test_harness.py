@@ -50,15 +50,21 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids if i < len(self.chars))
 
 
-def make_handle(seed=0):
+def make_handle(seed=0, dynamic_len=0):
     cfg = default_config()
     m = cfg.model
+    m.alibi_scaling_train_seq_len = dynamic_len  # HF btlm's dynamic alibi_scaling
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len = 128, 64, 2, 4, 128, L
     m.mup.enabled, m.init_std = False, 0.2  # standard parametrisation, peaky enough logits
     model = BTLM(m)
-    params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"])
-    # the reference's own forward: one sequence, whole logits, no segment ids
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    init = jax.jit(model.init)
+    params = nn.unbox(init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"])
+    # the reference's own forward: one sequence, whole logits, no segment ids, the slopes divided
+    # by an explicit scale (computed in ref_logprobs) on a model without the dynamic scaling
+    plain = m.copy_and_resolve_references()
+    plain.alibi_scaling_train_seq_len = 0
+    ref_model = BTLM(plain)
+    fwd = jax.jit(lambda p, x, s: ref_model.apply({"params": p}, x, alibi_scale=s))
     return SimpleNamespace(cfg=cfg, model=model, params=params, tokenizer=CharTokenizer(),
                            ref_forward=fwd)
 
@@ -73,10 +79,13 @@ def handle():
 def ref_logprobs(h, ids):
     """float64 log-softmax of one full forward pass over ``ids`` ([len, V]). The sequence is
     filled up to L with token 0 after its end so one compiled shape serves every call: the
-    model is causal, so the logits at the real positions are those of ``ids`` alone."""
+    model is causal, so the logits at the real positions are those of ``ids`` alone. A dynamic
+    alibi_scaling (HF btlm: slopes / (n / T) for n > T keys) is applied here from ``len(ids)``."""
     assert 0 < len(ids) <= L
+    dyn = h.cfg.model.alibi_scaling_train_seq_len
+    scale = max(1.0, len(ids) / dyn) if dyn else 1.0
     x = jnp.asarray([list(ids) + [0] * (L - len(ids))], jnp.int32)
-    logits = h.ref_forward(h.params, x)[0, :len(ids)]
+    logits = h.ref_forward(h.params, x, jnp.float32(scale))[0, :len(ids)]
     x = np.asarray(logits, np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -293,6 +302,7 @@ def test_generate_until_equals_greedy_decoding_stopped_at_the_stop_string(handle
     assert res["results"]["local_gen"]["exact_match,none"] == pytest.approx(np.mean(hits))
 
 
+@pytest.mark.slow
 def test_harness_metrics_hook_on_live_parameters(handle, tmp_path):
     from btlm_jax.harness.hook import harness_metrics
 
@@ -303,12 +313,12 @@ def test_harness_metrics_hook_on_live_parameters(handle, tmp_path):
     cfg.model = handle.cfg.model
     cfg.eval.harness_tasks = "local_mc"
     cfg.eval.harness_include_path = str(tmp_path)
-    cfg.eval.harness_limit = 4
+    cfg.eval.harness_limit = 3
     cfg.eval.batch_size = 4
     out = harness_metrics(cfg, handle.model, handle.params, handle.tokenizer)
     tok = handle.tokenizer
     ref = []
-    for doc in MC_DOCS[:4]:
+    for doc in MC_DOCS[:3]:
         lls = [ref_loglikelihood(handle, *ref_split(tok, doc["question"], " " + c))[0]
                for c in doc["choices"]]
         ref.append(float(int(np.argmax(lls)) == doc["label"]))
@@ -318,7 +328,7 @@ def test_harness_metrics_hook_on_live_parameters(handle, tmp_path):
     other = make_handle(seed=3)
     out2 = harness_metrics(cfg, handle.model, other.params, handle.tokenizer)
     ref2 = []
-    for doc in MC_DOCS[:4]:
+    for doc in MC_DOCS[:3]:
         lls = [ref_loglikelihood(other, *ref_split(tok, doc["question"], " " + c))[0]
                for c in doc["choices"]]
         ref2.append(float(int(np.argmax(lls)) == doc["label"]))
@@ -361,3 +371,33 @@ def test_cli_json_last_line_and_errors(handle, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "no_such_task_xyz" in err[-1] and "local_mc" not in err[-1].split(":")[0]
     flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.slow
+def test_dynamic_alibi_scaling_scores_and_generations_equal_unpadded(tmp_path):
+    """With a dynamic alibi_scaling the slopes depend on the key count, so padding would change
+    the numbers; the harness batches such sequences at their exact length."""
+    from btlm_jax.harness import BTLMEvalLM, evaluate
+
+    h = make_handle(seed=1, dynamic_len=32)
+    write_mc_task(tmp_path)
+    lm = BTLMEvalLM(h, batch_size=4, progress=False)
+    res = evaluate(lm, "local_mc", include_path=str(tmp_path), log_samples=True,
+                   bootstrap_iters=0, limit=3)
+    n = 0
+    for s in res["samples"]["local_mc"]:
+        for (ctx, cont), r in zip(args_of(s), s["resps"]):
+            ref = ref_loglikelihood(h, *ref_split(h.tokenizer, ctx, cont))
+            assert r[0][0] == pytest.approx(ref[0], rel=1e-4, abs=2e-3)
+            n += 1
+    assert n >= 8
+    # the scaling matters here: without it the first long request scores differently
+    plain = make_handle(seed=1)
+    ctx, cont = ref_split(h.tokenizer, MC_DOCS[2]["question"], " yes")
+    assert abs(ref_loglikelihood(plain, ctx, cont)[0] - ref_loglikelihood(h, ctx, cont)[0]) > 1e-3
+    until = ["\n"]
+    docs = [GEN_DOCS[0], GEN_DOCS[2]]  # 16 and (truncated) 44 prompt tokens: below and above 32
+    outs = lm.generate_until([SimpleNamespace(args=(d["prompt"], {"until": until,
+                                                                   "max_gen_toks": 4}))
+                              for d in docs])
+    assert outs == [ref_greedy(h, d["prompt"], until, max_gen=4) for d in docs]

@@ -31,7 +31,11 @@ one of the ``until`` strings, and the returned text is cut before the first stop
 
 Position interpolation is the model's business: the ALiBi slopes come from
 :func:`btlm_jax.models.alibi.effective_slopes` inside the model, with the checkpoint's
-``alibi_scaling``.
+``alibi_scaling``. A *dynamic* ``alibi_scaling`` (``model.alibi_scaling_train_seq_len = T``)
+divides the slopes by ``keys / T`` once a forward has more than ``T`` keys, so padding would change
+the result: then sequences longer than ``T`` are batched only with sequences of their own length
+and padded to exactly that length (shorter ones stay in buckets capped at ``T``), and generation
+batches prompts of one length each, so every score and token equals the unpadded computation.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from btlm_jax.eval.sampling import sample as sample_logits
+from btlm_jax.models.alibi import dynamic_train_len
 from btlm_jax.models.btlm import BTLM, init_cache
 
 log = logging.getLogger(__name__)
@@ -119,6 +124,9 @@ class BTLMEvalLM(TemplateLM):
                                "(automatic batch size search is not supported)") from None
         if bs <= 0:
             raise HarnessError(f"batch_size={bs}: must be a positive integer")
+        if handle.tokenizer is None:
+            raise HarnessError("the model has no tokenizer (the checkpoint folder has no "
+                               "tokenizer files); lm_eval tasks need one")
         self.handle = handle
         self.cfg = handle.cfg
         self.model: BTLM = handle.model
@@ -134,6 +142,8 @@ class BTLMEvalLM(TemplateLM):
                 f"max_length={self._max_length} exceeds model.max_seq_len="
                 f"{self.cfg.model.max_seq_len} (learned positions)")
         self.max_gen_toks = int(max_gen_toks)
+        m = self.cfg.model
+        self.dynamic_len = dynamic_train_len(m) if m.position == "alibi" else 0
         self.progress = progress
         self._batch_sharding = NamedSharding(self.mesh, P(self.batch_axes or None))
         self._score_fn = jax.jit(self._score)
@@ -208,9 +218,8 @@ class BTLMEvalLM(TemplateLM):
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         bs = self.batch_size
         bar = tqdm(total=len(rows), desc=desc, disable=disable_tqdm or not self.progress)
-        for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
-            length = bucket_length(max(len(rows[i][0]) for i in idx), L)
+        for idx in self._batches(order, [len(r[0]) for r in rows]):
+            length = self._pad_length(len(rows[idx[0]][0]))
             tok = np.zeros((bs, length), np.int32)
             tgt = np.zeros((bs, length), np.int32)
             seg = np.zeros((bs, length), np.int32)
@@ -227,6 +236,27 @@ class BTLMEvalLM(TemplateLM):
             bar.update(len(idx))
         bar.close()
         return out  # type: ignore[return-value]
+
+    def _pad_length(self, n: int) -> int:
+        """Padded length of a batch whose longest row has ``n`` tokens (see the module doc)."""
+        dyn = self.dynamic_len
+        if dyn and n > dyn:
+            return n
+        return bucket_length(n, min(self._max_length, dyn) if dyn else self._max_length)
+
+    def _batches(self, order: list[int], lengths: list[int], exact: bool = False):
+        """Consecutive runs of ``order`` (longest first) of at most ``batch_size`` requests; with
+        a dynamic alibi_scaling a run never mixes padded lengths (or lengths, when ``exact``)."""
+        batch: list[int] = []
+        for i in order:
+            if batch and (len(batch) == self.batch_size or (self.dynamic_len and (
+                    (lengths[i] != lengths[batch[0]]) if exact else
+                    (self._pad_length(lengths[i]) != self._pad_length(lengths[batch[0]]))))):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         res = self.score_pairs([(c, x) for _, c, x in requests], disable_tqdm=disable_tqdm)
@@ -298,8 +328,8 @@ class BTLMEvalLM(TemplateLM):
                 ids = self.tok_encode(requests[i].args[0]) or [self.prefix_token_id]
                 prompts[i] = ids[-keep:]
             order = sorted(members, key=lambda i: -len(prompts[i]))
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
+            lengths = {i: len(p) for i, p in prompts.items()}
+            for idx in self._batches(order, lengths, exact=True):
                 texts = self._generate_batch([prompts[i] for i in idx], st)
                 for i, text in zip(idx, texts):
                     out[i] = text
@@ -310,7 +340,9 @@ class BTLMEvalLM(TemplateLM):
 
     def _generate_batch(self, prompts: list[list[int]], st: dict) -> list[str]:
         bs, max_gen, until = self.batch_size, st["max_gen"], st["until"]
-        p_len = bucket_length(max(len(p) for p in prompts), self._max_length)
+        p_len = max(len(p) for p in prompts)
+        if not self.dynamic_len:  # dynamic scaling: one prompt length per batch, unpadded
+            p_len = bucket_length(p_len, self._max_length)
         tok = np.zeros((bs, p_len), np.int32)
         seg = np.zeros((bs, p_len), np.int32)
         pos = np.zeros((bs, p_len), np.int32)
