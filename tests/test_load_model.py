@@ -280,6 +280,17 @@ def test_published_btlm_folder_loads_in_memory(tmp_path, generation, alibi_scali
     np.testing.assert_array_equal(lm.cfg.model.alibi_slopes,
                                   t["transformer.relative_pe.slopes"][:, 0])
     check_loaded(lm, t, c, tmp_path)
+    if alibi_scaling and "train_seq_len" in alibi_scaling and generation:
+        # prompts of different lengths in one call: each decoded with its own key count
+        ids = lm.tokenizer.encode(TEXTS[1])
+        prompts = [ids[:3], ids[2:9], ids[4:7]]
+        want = [reference_greedy(t, c, q, 6) for q in prompts]
+        assert lm.generate(prompts, max_new_tokens=6, stop_at_eos=False) == want
+        # bf16 parameters and compute: same shapes, logits near the reference
+        lm16 = btlm_jax.load_model(tmp_path / "hf", dtype="bfloat16")
+        assert lm16.params["embed"]["embedding"].dtype.name == "bfloat16"
+        ref = reference_logits(t, c, np.array([ids[:12]]))
+        assert np.abs(lm16.logits([ids[:12]]) - ref).max() < 0.05 * np.abs(ref).max()
 
 
 def test_reference_sees_stored_slopes_and_dynamic_scaling(tmp_path):
