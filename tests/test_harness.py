@@ -401,3 +401,49 @@ def test_dynamic_alibi_scaling_scores_and_generations_equal_unpadded(tmp_path):
                                                                    "max_gen_toks": 4}))
                               for d in docs])
     assert outs == [ref_greedy(h, d["prompt"], until, max_gen=4) for d in docs]
+
+
+@pytest.mark.slow
+def test_cli_on_a_published_btlm_folder_matches_a_float64_reference(tmp_path):
+    """``python -m btlm_jax.harness --model=HF_DIR ... --log_samples --json`` on a tiny
+    checkpoint in the published BTLM layout (dynamic alibi_scaling): every logged
+    log-likelihood equals the float64 NumPy BTLM forward of tests/test_load_model.py."""
+    pytest.importorskip("torch")
+    pytest.importorskip("tokenizers")
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_load_model import published_config, reference_logits, write_published_btlm
+
+    from btlm_jax.data.tokenizer import load_tokenizer
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    scaling = {"type": "linear", "train_seq_len": 16}
+    t = write_published_btlm(hf, alibi_scaling=scaling)
+    c = published_config(len(json.loads((hf / "vocab.json").read_text())), "mup_", scaling)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_mc_task(tasks)
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "btlm_jax.harness", f"--model={hf}", "--tasks=local_mc",
+         f"--include_path={tasks}", "--log_samples", "--json", "--limit=4", "--batch_size=4",
+         "--bootstrap_iters=0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    tok = load_tokenizer(hf)
+    n_pos = c["n_positions"]
+    for s in res["samples"]["local_mc"]:
+        lls = []
+        for (ctx, cont), r in zip(args_of(s), s["resps"]):
+            cids, xids = ref_split(tok, ctx, cont)
+            seq = (cids + xids)[-(n_pos + 1):]
+            logits = reference_logits(t, c, np.array([seq[:-1]]))[0]
+            lp = logits - logits.max(-1, keepdims=True)
+            lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+            n = len(seq) - 1
+            ref = sum(lp[i, seq[i + 1]] for i in range(n - len(xids), n))
+            assert r[0][0] == pytest.approx(ref, abs=2e-3), (ctx, cont)
+            lls.append(ref)
+        assert s["acc"] == float(int(np.argmax(lls)) == MC_DOCS[s["doc_id"]]["label"])
