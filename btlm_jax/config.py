@@ -105,6 +105,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Variable sequence length: a tuple of "seq_len:batch_size:steps" strings (BTLM:
     # ("2048:1920:119727", "8192:480:39909")). Empty = one phase from seq_len/batch_size/steps.
     t.phases = ()
+    # Divergence (btlm_jax/train/guard.py): a step whose loss, gradient norm or parameter norm is
+    # not finite, or whose loss exceeds max_loss_spike x the mean of the last good losses (0 = no
+    # spike check), is never checkpointed; on_divergence: stop (naming the last good checkpoint)
+    # or rollback (restore it, skip the batches in between, continue).
+    t.max_loss_spike = 0.0
+    t.on_divergence = "stop"
 
     d = c.data = ml_collections.ConfigDict()
     d.train = ""  # glob(s) of shards, comma separated; empty = embedded sample corpus
@@ -161,6 +167,7 @@ _CHOICES = {
     "model.attention": ("xla", "cudnn", "flash", "pallas"),
     "optim.name": ("adamw", "adamw_ema"),
     "data.packing": ("concat", "document"),
+    "train.on_divergence": ("stop", "rollback"),
     "data.on_error": ("raise", "skip"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "mesh.layout": ("standard", "weight_streaming"),
@@ -214,6 +221,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         v = _get(cfg, key)
         if v not in choices:
             raise ConfigError(f"{key}={v!r}: must be one of {', '.join(choices)}")
+    spike = cfg.train.max_loss_spike
+    if isinstance(spike, bool) or not isinstance(spike, (int, float)) or not spike >= 0 or (
+            0 < spike <= 1):
+        raise ConfigError(f"train.max_loss_spike={spike!r}: must be 0 (off) or a ratio > 1, "
+                          "e.g. 3.0")
     m = cfg.model
     if m.d_model % m.n_heads:
         raise ConfigError(

@@ -15,7 +15,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/btlm.py:tiny", "Config file.")
+from btlm_jax import errors
+
+with errors.cli():  # a misspelt --config.KEY override fails here, while the flag is defined
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/btlm.py:tiny", "Config file.")
+errors.define_verbose_flag()
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
 _MESH = flags.DEFINE_string(
     "mesh", None, "DATA,FSDP,TENSOR: also compile the train step ahead of time for this mesh and "
@@ -69,6 +73,7 @@ def describe(cfg) -> dict:
     }
 
 
+@errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
     del argv
     if _MESH.value and _FAKE_DEVICES.value:

@@ -13,10 +13,13 @@ full per-position curves) to ``WORKDIR/eval/``. With ``--json`` the last line pr
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from absl import app, flags, logging
+
+from btlm_jax import errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _DATA = flags.DEFINE_string("data", "", "Evaluation data glob(s); default: the run's data.eval.")
@@ -33,6 +36,7 @@ _NUM = flags.DEFINE_integer("num_batches", 0, "Eval batches per length (0: eval.
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to evaluate (-1: latest).")
 _PLOTS = flags.DEFINE_bool("plots", True, "Write loss-vs-position PNGs into WORKDIR/eval/.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
+errors.define_verbose_flag()
 
 
 def parse_lengths(spec: str, default: list[int]) -> list[int]:
@@ -47,50 +51,49 @@ def parse_lengths(spec: str, default: list[int]) -> list[int]:
     return out
 
 
+@errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import ml_collections
 
-    from btlm_jax.config import ConfigError
     from btlm_jax.eval.perplexity import Evaluator, train_length
     from btlm_jax.eval.plot import plot_filename, plot_loss_vs_position
-    from btlm_jax.eval.session import RunError, load_run
+    from btlm_jax.eval.session import load_run
     from btlm_jax.parallel.distributed import maybe_initialize
-    from btlm_jax.models.quant import QuantizationError
-    from btlm_jax.train.checkpoint import CheckpointMismatchError
 
     logging.set_verbosity(logging.WARNING)
     maybe_initialize()
-    try:
-        run = load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
-        lt = train_length(run.cfg)
-        lengths = parse_lengths(_LENGTHS.value, [lt, 2 * lt, 4 * lt])
-        m = run.cfg.model
-        if m.position == "learned" and max(lengths) > m.max_seq_len:
-            raise ValueError(
-                f"--lengths: {max(lengths)} exceeds model.max_seq_len={m.max_seq_len}; a model "
-                "with learned positions cannot be evaluated beyond its position table")
-        data_cfg = run.cfg
-        if _DATA.value:
-            data_cfg = ml_collections.ConfigDict(run.cfg.to_dict())
-            data_cfg.data.eval = _DATA.value
-        ev = Evaluator(run, data_cfg, quantize=_QUANT.value, group_size=_GROUP.value,
-                       batch_size=_BATCH.value or None, num_batches=_NUM.value or None)
-        modes = {"off": [False], "on": [True], "both": [False, True]}[_PI.value]
-        results = ev.results(lengths, modes, _BUCKETS.value)
-    except (ConfigError, CheckpointMismatchError, RunError, QuantizationError, ValueError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run = load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
+    lt = train_length(run.cfg)
+    lengths = parse_lengths(_LENGTHS.value, [lt, 2 * lt, 4 * lt])
+    m = run.cfg.model
+    if m.position == "learned" and max(lengths) > m.max_seq_len:
+        raise ValueError(
+            f"--lengths: {max(lengths)} exceeds model.max_seq_len={m.max_seq_len}; a model "
+            "with learned positions cannot be evaluated beyond its position table")
+    data_cfg = run.cfg
+    if _DATA.value:
+        data_cfg = ml_collections.ConfigDict(run.cfg.to_dict())
+        data_cfg.data.eval = _DATA.value
+    ev = Evaluator(run, data_cfg, quantize=_QUANT.value, group_size=_GROUP.value,
+                   batch_size=_BATCH.value or None, num_batches=_NUM.value or None)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[_PI.value]
+    results = ev.results(lengths, modes, _BUCKETS.value)
 
     out_dir = Path(_WORKDIR.value) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(out_dir, os.W_OK) and not _read_only(out_dir)
+    except OSError:
+        writable = False
+    if not writable:  # a read-only run directory: evaluate anyway, print only
+        print(f"note: {out_dir} is not writable; results are printed, not saved", file=sys.stderr)
     print(f"step {run.step}; training length {lt}; quantize={ev.quantize} "
           f"({ev.weight_bytes:,} weight bytes); {ev.num_batches} x {ev.batch_size} sequences "
           "per length")
     for r in results:
-        if _PLOTS.value:
+        if _PLOTS.value and writable:
             r["plot"] = str(plot_loss_vs_position(r, out_dir / plot_filename(r)))
         pi = "on " if r["position_interpolation"] else "off"
         print(f"L={r['length']:>6} PI={pi} slopes/{r['pi_scale']:<6.3g} loss {r['loss']:.4f}  "
@@ -101,10 +104,19 @@ def main(argv):
             f"[{b['start']},{b['end']}) {b['loss']:.3f}" for b in r["position_buckets"]
             if b["loss"] is not None))
     suffix = "" if ev.quantize == "none" else f"_{ev.quantize}"
-    (out_dir / f"results{suffix}.json").write_text(json.dumps({"results": results}))
+    if writable:
+        (out_dir / f"results{suffix}.json").write_text(json.dumps({"results": results}))
     if _JSON.value:
         slim = [{k: v for k, v in r.items() if k != "position_loss"} for r in results]
         print(json.dumps({"results": slim}))
+
+
+def _read_only(path: Path) -> bool:
+    """A read-only mount (root's os.access ignores it)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def run():

@@ -14,6 +14,8 @@ import sys
 
 from absl import app, flags, logging
 
+from btlm_jax import errors
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat the flag for a batch.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", "", "File with one prompt per line (added to --prompt).")
@@ -29,20 +31,20 @@ _PI = flags.DEFINE_bool("position_interpolation", False,
                         "Divide ALiBi slopes by total length / L_train beyond the training length.")
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: latest).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
+errors.define_verbose_flag()
 
 
+@errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import jax
 
     from btlm_jax.models import quant
-    from btlm_jax.config import ConfigError
     from btlm_jax.eval.perplexity import pi_scale, train_length
     from btlm_jax.eval.sampling import Generator, SamplingConfig
-    from btlm_jax.eval.session import RunError, load_run
+    from btlm_jax.eval.session import load_run
     from btlm_jax.parallel.distributed import maybe_initialize
-    from btlm_jax.train.checkpoint import CheckpointMismatchError
 
     logging.set_verbosity(logging.WARNING)
     maybe_initialize()
@@ -55,25 +57,23 @@ def main(argv):
         sys.exit(2)
     sc = SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMP.value,
                         top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
-    try:
-        sc.check()
-        run = load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
-        tok = run.tokenizer
-        ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
-        params, deq = run.params, None
-        if _QUANT.value != "none":
-            params = jax.jit(lambda p: quant.quantize_params(p, _QUANT.value, _GROUP.value))(params)
-            deq = quant.dequantize_params
-        total = max(len(i) for i in ids) + sc.max_new_tokens
-        scale = pi_scale(total, train_length(run.cfg),
-                         _PI.value and run.cfg.model.position == "alibi")
-        gen = Generator(run.model, params, dequantize=deq)
-        with run.mesh:
-            outs = gen.generate(ids, sc, eos_id=tok.eos_id, alibi_scale=scale)
-    except (ConfigError, CheckpointMismatchError, RunError, quant.QuantizationError,
-            ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sc.check()
+    run = load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
+    tok = run.tokenizer
+    ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
+    params, deq = run.params, None
+    if _QUANT.value != "none":
+        params = jax.jit(lambda p: quant.quantize_params(p, _QUANT.value, _GROUP.value))(params)
+        deq = quant.dequantize_params
+    total = max(len(i) for i in ids) + sc.max_new_tokens
+    trained = train_length(run.cfg)
+    warning = past_trained_length(total, trained, run.cfg.model, _PI.value)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    scale = pi_scale(total, trained, _PI.value and run.cfg.model.position == "alibi")
+    gen = Generator(run.model, params, dequantize=deq)
+    with run.mesh:
+        outs = gen.generate(ids, sc, eos_id=tok.eos_id, alibi_scale=scale)
     records = []
     for p, i, o in zip(prompts, ids, outs):
         text = tok.decode(o)
@@ -82,6 +82,20 @@ def main(argv):
     if _JSON.value:
         print(json.dumps({"step": run.step, "quantize": _QUANT.value, "alibi_scale": scale,
                           "generations": records}))
+
+
+def past_trained_length(total: int, trained: int, model_cfg, interpolate: bool) -> str | None:
+    """The warning for a generation longer than the length the model was trained at."""
+    if total <= trained:
+        return None
+    what = (f"prompt + --max_new_tokens = {total} tokens exceeds the training length {trained}")
+    if model_cfg.position == "learned":
+        return (f"{what} (model.max_seq_len={model_cfg.max_seq_len}): positions past the training "
+                "length were never trained; expect degraded text")
+    if interpolate:
+        return f"{what}; ALiBi slopes are interpolated (--position_interpolation)"
+    return (f"{what}: ALiBi extrapolates and quality usually drops past it; consider "
+            "--position_interpolation or fewer --max_new_tokens")
 
 
 def run():

@@ -7,33 +7,30 @@ latest checkpoint; SIGTERM saves a checkpoint and exits cleanly.
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from btlm_jax.config import ConfigError
+from btlm_jax import errors
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/btlm.py:tiny", "Config file (and preset), e.g. configs/btlm.py:3b_8k.",
-    lock_config=True)
+with errors.cli():  # a misspelt --config.KEY override fails here, while the flag is defined
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", "configs/btlm.py:tiny", "Config file (and preset), e.g. configs/btlm.py:3b_8k.",
+        lock_config=True)
+errors.define_verbose_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
 
 
+@errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from btlm_jax.parallel.distributed import maybe_initialize
-    from btlm_jax.train.checkpoint import CheckpointMismatchError
     from btlm_jax.train.loop import train
 
     logging.set_verbosity(logging.WARNING)  # Orbax/Grain INFO chatter drowns the progress bar
     maybe_initialize()
-    try:
-        result = train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    result = train(_CONFIG.value, _WORKDIR.value)
     keys = [k for k in ("step", "loss", "eval_loss", "tokens_per_sec") if k in result]
     print("done: " + ", ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float)
                                else f"{k}={result[k]}" for k in keys), flush=True)

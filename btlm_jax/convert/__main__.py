@@ -7,6 +7,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from btlm_jax import errors
+
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: Hugging Face checkpoint directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (import: created; export: read).")
 _OUT = flags.DEFINE_string("out", None, "export: output directory for config.json + model.safetensors.")
@@ -17,6 +19,8 @@ _TOKENIZER = flags.DEFINE_string(
     "tokenizer", "", "import: tokenizer file or directory (tokenizer.json, GPT-2 vocab.json + "
     "merges.txt, sentencepiece .model) or 'bytes'; default: HF_DIR's own tokenizer files.")
 _STEP = flags.DEFINE_integer("step", -1, "export: checkpoint step (-1: latest).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "export: write into a non-empty --out.")
+errors.define_verbose_flag()
 
 USAGE = ("usage: python -m btlm_jax.convert import --hf_dir=DIR --workdir=RUN [--tokenizer=PATH]\n"
          "       python -m btlm_jax.convert export --workdir=RUN --out=DIR [--layout=btlm|gpt2]")
@@ -67,46 +71,65 @@ def import_checkpoint(hf_dir: str, workdir: str, tokenizer: str = "") -> dict:
     return {"workdir": str(wd.absolute()), "layout": layout, "num_params": program.num_params}
 
 
+def _nonfinite(params) -> tuple[str, int] | None:
+    """The first parameter holding NaN/inf values, and how many it holds."""
+    import jax
+    import jax.numpy as jnp
+
+    counts = jax.tree_util.tree_map(lambda x: jnp.sum(~jnp.isfinite(x)), params)
+    for path, n in jax.tree_util.tree_flatten_with_path(jax.device_get(counts))[0]:
+        if int(n):
+            return jax.tree_util.keystr(path), int(n)
+    return None
+
+
 def export_checkpoint(workdir: str, out: str, layout: str | None = None, dtype: str | None = None,
-                      step: int | None = None) -> Path:
+                      step: int | None = None, overwrite: bool = False) -> Path:
     from btlm_jax.convert import hf
     from btlm_jax.eval.session import load_run
 
+    o = Path(out)
+    if o.exists() and not o.is_dir():
+        raise hf.ConversionError(f"--out={out} is a file; give a directory")
+    if o.is_dir() and any(o.iterdir()) and not overwrite:
+        held = ", ".join(sorted(q.name for q in o.iterdir())[:5])
+        raise hf.ConversionError(
+            f"--out={out} is not empty (it holds {held}); choose another --out, or pass "
+            "--overwrite to replace the files there")
     run = load_run(workdir, step)
+    bad = _nonfinite(run.params)
+    if bad:
+        raise hf.ConversionError(
+            f"checkpoint step {run.step} of {workdir} has non-finite weights ({bad[1]} NaN/inf "
+            f"values in {bad[0]}): the run diverged at or before that step; export an earlier "
+            "step with --step=N (see its checkpoints/ directory)")
     # the run's pinned tokenizer files (vocab.json + merges.txt, tokenizer.json ...) go next to
     # the weights
     return hf.save_hf(run.params, run.cfg.model, out, layout, dtype=dtype,
                       eos_token_id=run.tokenizer.eos_id, tokenizer=run.tokenizer)
 
 
+@errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
-    from btlm_jax.config import ConfigError
     from btlm_jax.convert.hf import ConversionError
-    from btlm_jax.data.tokenizer import TokenizerError
-    from btlm_jax.train.run_dir import RunError
-    from btlm_jax.train.checkpoint import CheckpointMismatchError
 
     logging.set_verbosity(logging.WARNING)
     if len(argv) != 2 or argv[1] not in ("import", "export"):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
-    try:
-        if argv[1] == "import":
-            if not _HF_DIR.value or not _WORKDIR.value:
-                raise ConversionError("import needs --hf_dir and --workdir")
-            info = import_checkpoint(_HF_DIR.value, _WORKDIR.value, _TOKENIZER.value)
-            print(f"imported {_HF_DIR.value} ({info['layout']} layout, {info['num_params']:,} "
-                  f"parameters) into {info['workdir']}")
-        else:
-            if not _WORKDIR.value or not _OUT.value:
-                raise ConversionError("export needs --workdir and --out")
-            path = export_checkpoint(_WORKDIR.value, _OUT.value, _LAYOUT.value, _DTYPE.value,
-                                     None if _STEP.value < 0 else _STEP.value)
-            names = ", ".join(sorted(q.name for q in path.iterdir() if q.is_file()))
-            print(f"wrote {path}: {names}")
-    except (ConversionError, ConfigError, CheckpointMismatchError, RunError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if argv[1] == "import":
+        if not _HF_DIR.value or not _WORKDIR.value:
+            raise ConversionError("import needs --hf_dir and --workdir")
+        info = import_checkpoint(_HF_DIR.value, _WORKDIR.value, _TOKENIZER.value)
+        print(f"imported {_HF_DIR.value} ({info['layout']} layout, {info['num_params']:,} "
+              f"parameters) into {info['workdir']}")
+    else:
+        if not _WORKDIR.value or not _OUT.value:
+            raise ConversionError("export needs --workdir and --out")
+        path = export_checkpoint(_WORKDIR.value, _OUT.value, _LAYOUT.value, _DTYPE.value,
+                                 None if _STEP.value < 0 else _STEP.value, _OVERWRITE.value)
+        names = ", ".join(sorted(q.name for q in path.iterdir() if q.is_file()))
+        print(f"wrote {path}: {names}")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,52 @@
-"""Orbax checkpoints of the train state plus the data iterator state (exact resume).
+"""Orbax checkpoints of the train state plus the data state (exact resume).
 
 A checkpoint step directory holds two items: ``state`` (params, optimizer state, step; sharded
-arrays restored onto the current mesh) and ``data`` (JSON: the Grain iterator state, the phase
-and the per-source token counters), so a resumed run sees exactly the batches an uninterrupted
-run would.
+arrays restored onto the current mesh) and ``data`` (JSON: the data position, the phase and the
+per-source token counters), so a resumed run sees exactly the batches an uninterrupted run would.
+
+:meth:`Checkpointer.restore_latest` walks back from the newest step to the newest one that reads
+completely: a step that is incomplete or corrupt (an empty step directory, missing metadata, a
+truncated array file) is skipped with one line saying why, while a checkpoint of a different
+model (readable metadata whose tree or shapes differ from the config's) is refused with
+:class:`CheckpointMismatchError`, never skipped. Failures of an asynchronous save are raised at the
+next :meth:`Checkpointer.check` (the loop calls it every step), not after the run.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
+from btlm_jax.errors import DiskFullError, enospc_path, is_enospc
+
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint in the workdir does not fit the model/optimizer the config describes."""
+
+
+class CheckpointCorruptError(ValueError):
+    """No checkpoint step in the directory can be read completely."""
+
+
+def _say(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[btlm_jax] {msg}", flush=True)
+
+
+def _keystr(path) -> str:
+    return jax.tree_util.keystr(tuple(path))
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
+    return {_keystr(p): tuple(getattr(v, "shape", ())) for p, v in flat
+            if hasattr(v, "shape")}
 
 
 class Checkpointer:
@@ -25,9 +55,12 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save and not read_only,
-            create=not read_only, read_only=read_only)
+            create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)  # a save cut short leaves no partial step
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data"))
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -35,33 +68,140 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def _disk_full(self, e: BaseException) -> None:
+        """A save that failed for lack of space: remove its partial step, raise one clear error."""
+        if not is_enospc(e):
+            return
+        self.remove_partial()
+        raise DiskFullError(enospc_path(e) or self.directory) from e
+
+    def remove_partial(self) -> None:
+        """Removes temporary step directories of saves that did not finish (process 0)."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def check(self) -> None:
+        """Raises the error of a finished asynchronous save, if any (e.g. a full disk)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            self._disk_full(e)
+            raise
+
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-            force=force)
+        self.check()
+        try:
+            return self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+                force=force)
+        except Exception as e:  # noqa: BLE001
+            self._disk_full(e)
+            raise
+
+    # ----- restoring ---------------------------------------------------------------------------
+    def _problem(self, step: int) -> str | None:
+        """Why the step directory is visibly incomplete (None if it looks complete)."""
+        d = Path(self.directory) / str(step)
+        if not d.is_dir():
+            return f"{d} is missing"
+        if not any(d.iterdir()):
+            return f"the step directory {d} is empty"
+        for item in ("state", "data"):
+            if not (d / item).is_dir() or not any((d / item).iterdir()):
+                return f"{d / item} is missing or empty"
+        return None
+
+    def _mismatch(self, step: int, abstract_state: Any) -> str | None:
+        """Differences between the checkpoint's tree/shapes and the config's (None: same, or the
+        checkpoint's metadata cannot be read, which makes it corrupt rather than different)."""
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - unreadable metadata: corrupt, not different
+            return None
+        if meta is None:
+            return None
+        try:
+            have, want = _shapes(meta), _shapes(abstract_state)
+        except Exception:  # noqa: BLE001
+            return None
+        if not have:
+            return None
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        shape = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        if not (missing or extra or shape):
+            return None
+        parts = []
+        if shape:
+            parts.append("shapes differ: " + ", ".join(
+                f"{k} is {have[k]} in the checkpoint, {want[k]} in the config" for k in shape[:4]))
+        if missing:
+            parts.append(f"{len(missing)} arrays the config needs are not in it (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} arrays in it the config does not have (e.g. {extra[0]})")
+        return "; ".join(parts)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        """Restores ``step`` onto the shardings carried by ``abstract_state``
+        (ShapeDtypeStructs). Raises :class:`CheckpointMismatchError` for a different model and
+        :class:`CheckpointCorruptError` for an incomplete or unreadable step."""
+        problem = self._problem(step)
+        if problem:
+            raise CheckpointCorruptError(f"checkpoint step {step} is incomplete: {problem}")
         try:
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as e:
-            want = jax.tree_util.tree_map(lambda x: tuple(x.shape), abstract_state.params)
-            raise CheckpointMismatchError(
-                f"checkpoint {self.directory}/{step} does not match the configured model "
-                f"({type(e).__name__}: {str(e)[:800]}). It was written by a run with a different "
-                "model or optimizer config. Use a new --workdir for the new config, or restore "
-                "the config this workdir was trained with (see config.json in the workdir). "
-                f"Parameter shapes the current config expects: {want}") from e
+        except Exception as e:  # noqa: BLE001 - classified: different model, or corrupt
+            diff = self._mismatch(step, abstract_state)
+            if diff:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory}/{step} was written by a run with a different "
+                    f"model or optimizer config ({diff}). Use a new --workdir for the new config, "
+                    "or restore the config this workdir was trained with (see config.json in the "
+                    "workdir)") from e
+            first = " ".join(str(e).split())
+            first = first.split(" See full")[0].split(" [tensorstore_spec")[0][:200]
+            raise CheckpointCorruptError(
+                f"checkpoint step {step} in {self.directory} cannot be read "
+                f"({type(e).__name__}: {first}); an array file is truncated or missing") from e
         return restored["state"], restored["data"]
 
+    def restore_latest(self, abstract_state: Any, log: Callable[[str], None] = _say
+                       ) -> tuple[int, Any, dict] | None:
+        """The newest step that restores completely, as ``(step, state, data)``; None when the
+        directory holds no checkpoint. Corrupt steps are skipped (one line each, newest first)."""
+        steps = sorted(self.all_steps(), reverse=True)
+        skipped = []
+        for step in steps:
+            try:
+                state, data = self.restore(step, abstract_state)
+            except CheckpointCorruptError as e:
+                skipped.append(f"step {step}: {e}")
+                log(f"skipping checkpoint step {step}: {e}; trying the previous one")
+                continue
+            return step, state, data
+        if steps:
+            raise CheckpointCorruptError(
+                f"no checkpoint in {self.directory} can be read ({'; '.join(skipped)[:600]}). "
+                "Move the directory away to start the run over")
+        return None
+
     def wait(self):
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._disk_full(e)
+            raise
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

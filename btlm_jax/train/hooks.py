@@ -101,14 +101,32 @@ class JsonlSink:
                     continue  # a line torn by a crash or a full disk
                 if rec.get("step", 0) <= resume_step:
                     kept.append(ln)
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            # rewritten whole or not at all (a full disk leaves the old file)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            try:
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def write(self, record: dict):
         # JSON has no inf/nan (e.g. tau is infinite while the LR is 0): write null instead.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+        line = (json.dumps(clean) + "\n").encode()
+        # one write of the whole line; a line cut short (e.g. a full disk) is cut off again
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                n = os.write(fd, line)
+                if n != len(line):
+                    raise OSError(28, "No space left on device", str(self.path))
+            except OSError as e:
+                os.ftruncate(fd, size)
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+        finally:
+            os.close(fd)
 
     def close(self):
         pass

@@ -18,7 +18,9 @@ import ml_collections
 
 from btlm_jax import optim
 from btlm_jax.train.feed import TrainFeed
+from btlm_jax.train.guard import DivergenceGuard
 from btlm_jax.train.hooks import Context, Hooks, ProgressBar, Throughput, make_sinks
+from btlm_jax.train.lock import workdir_lock
 from btlm_jax.train.preemption import StopVote
 from btlm_jax.train.program import Program
 from btlm_jax.train.run_dir import Preemption, RunDir, log
@@ -77,13 +79,9 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
         record(ctx)
         ctx.record.update(eval_metrics(program, feed, ctx.state.params, ctx.seq_len))
 
-    def check(ctx: Context):
-        if ctx.record is not None and not math.isfinite(ctx.record["loss"]):
-            raise FloatingPointError(
-                f"loss is {ctx.record['loss']} at step {ctx.step}; the last good checkpoint is "
-                f"kept in {run.checkpoint_dir}. Lower optim.peak_lr or check the data.")
-
     sinks = make_sinks(cfg, run.path, start)
+    # every step: loss / grad norm finite (and no loss spike) before anything is saved
+    guard = DivergenceGuard(cfg, run.checkpoint_dir, ckpt, program.abstract_state, sinks, log)
 
     def write(ctx: Context):
         if ctx.record is not None:
@@ -94,8 +92,12 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
     saved = {"step": -1}
 
     def save(ctx: Context):
+        guard.verify(ctx)  # raises (or rolls back) if a step since the last check diverged
+        if saved["step"] == ctx.step:
+            return
         ckpt.save(ctx.step, ctx.state, feed.state(), force=True)
         saved["step"] = ctx.step
+        guard.saved(ctx.step)
 
     vote = StopVote()
 
@@ -113,7 +115,7 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
     hooks.add("count", 1, lambda ctx: feed.count(ctx.metrics))
     hooks.add("record", cfg.train.log_every_steps, record)
     hooks.add("evaluate", cfg.eval.every_steps, evaluate)
-    hooks.add("check", 1, check)
+    hooks.add("check", 1, guard.check)
     hooks.add("write", 1, write)
     if cfg.logging.progress_bar and jax.process_index() == 0:
         bar = ProgressBar(program.total_steps, start)
@@ -127,17 +129,23 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
 
 
 def restore_or_init(program: Program, ckpt, feed: TrainFeed, run: RunDir):
-    latest = ckpt.latest_step()
-    if latest is None:
+    found = ckpt.restore_latest(program.abstract_state, log)  # skips corrupt steps, one line each
+    if found is None:
         return program.init_state()
-    state, saved = ckpt.restore(latest, program.abstract_state)
+    latest, state, saved = found
     feed.restore(saved)
     log(f"resumed from {run.checkpoint_dir} at step {latest}")
     return state
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
-    """Trains (or resumes) the run described by ``cfg`` in ``workdir``; returns the last metrics."""
+    """Trains (or resumes) the run described by ``cfg`` in ``workdir``; returns the last metrics.
+    A second run on the same workdir stops at once (:mod:`btlm_jax.train.lock`)."""
+    with workdir_lock(workdir):
+        return _train(cfg, workdir, devices)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
     run = RunDir.for_training(workdir, cfg)
     program = Program.from_config(run.cfg, devices)
     feed = TrainFeed(run.cfg, run.tokenizer, program.phases, program.phase_of)
