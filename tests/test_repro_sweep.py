@@ -137,25 +137,6 @@ def _cell(tmp_path, name):
                            "train.log_every_steps": 1})
 
 
-@pytest.mark.slow
-def test_a_cell_is_a_plain_main_command(tmp_path):
-    """The runner's task process and the cell's `python -m btlm_jax.main` command train the same
-    run: identical losses at every step."""
-    a, b = _cell(tmp_path, "runner"), _cell(tmp_path, "main")
-    Path(a.workdir).mkdir()
-    local.write_json(Path(a.workdir) / "task.json", a.to_json())
-    env = local.child_env(threads=0)
-    for cmd in ([sys.executable, "-m", "btlm_jax.experiments.local", f"{a.workdir}/task.json"],
-                b.command()):
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(a.result_path.read_text())
-    assert res["status"] == "ok" and res["steps"] == 3 and res["config"] == a.config
-    main_losses = [[m["step"], m["loss"]] for m in local._metrics(Path(b.workdir)) if "loss" in m]
-    assert res["train_loss"] == main_losses and len(main_losses) == 3
-
-
 def _capture_sbatch(monkeypatch) -> list[str]:
     """Replaces the `sbatch` call of submitit with a capture of the submission file."""
     from submitit.core import utils
@@ -208,21 +189,31 @@ def test_slurm_array_covers_only_unfinished_tasks(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_submitit_debug_executor_runs_a_sweep(tmp_path):
-    """The --slurm path end to end, on submitit's in-process executor: train, gather, skip."""
+def test_submitit_debug_executor_runs_a_sweep_whose_cell_is_a_main_command(tmp_path):
+    """The --slurm path end to end on submitit's in-process executor (train, gather, skip when
+    finished); the cell's plain `python -m btlm_jax.main` command trains the same run."""
     pytest.importorskip("submitit")
     import argparse
 
     p = argparse.ArgumentParser()
     runner.add_launch_args(p)
     args = p.parse_args(["--slurm", "--cluster", "debug", "--time", "10"])
-    task = _cell(tmp_path, "cell")
+    task, twin = _cell(tmp_path, "cell"), _cell(tmp_path, "main")
     logs = []
     results, complete = runner.launch([task], tmp_path, args, job_name="t", log=logs.append)
     assert complete and results[0]["status"] == "ok" and results[0]["steps"] == 3
+    assert results[0]["config"] == task.config
     assert json.loads((tmp_path / "results.jsonl").read_text())["name"] == "cell"
     results, complete = runner.launch([task], tmp_path, args, job_name="t", log=logs.append)
     assert complete and "every run is finished" in logs[-1]
+    proc = subprocess.run(twin.command(), cwd=tmp_path, env=local.child_env(threads=0),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    main_losses = [[m["step"], m["loss"]] for m in local._metrics(Path(twin.workdir)) if "loss" in m]
+    assert [s for s, _ in main_losses] == [1, 2, 3]
+    assert [s for s, _ in results[0]["train_loss"]] == [1, 2, 3]
+    assert [v for _, v in results[0]["train_loss"]] == pytest.approx([v for _, v in main_losses],
+                                                                      rel=1e-5)
 
 
 def test_cli_grid_plans_typed_tasks_and_names_a_bad_key(tmp_path):
