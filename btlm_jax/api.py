@@ -55,12 +55,18 @@ class LoadedModel:
 
     def _context(self):
         """The run's logical axis rules, read by the model's constraints at trace time (as the
-        training program runs its steps; the parameters carry the mesh through their shardings)."""
+        training program runs its steps; the parameters carry the mesh through their shardings),
+        and, for a float32 model, full float32 matmuls (GPUs would otherwise use TF32, about
+        1e-3 relative error in the logits)."""
         import flax.linen as nn
+        import jax
 
-        if self.rules is None:
-            return contextlib.nullcontext()
-        return nn.logical_axis_rules(self.rules)
+        stack = contextlib.ExitStack()
+        if self.rules is not None:
+            stack.enter_context(nn.logical_axis_rules(self.rules))
+        if self.cfg.model.dtype == "float32":
+            stack.enter_context(jax.default_matmul_precision("highest"))
+        return stack
 
     def logits(self, ids, alibi_scale: float = 1.0) -> np.ndarray:
         """Float32 logits [B, T, vocab] for int token ids [B, T] (or one sequence [T]).
