@@ -211,8 +211,12 @@ def args_of(sample):
 def test_bucket_length():
     from btlm_jax.harness import bucket_length
 
-    assert [bucket_length(n, 48) for n in (1, 16, 17, 32, 33, 47, 48)] == [16, 16, 32, 32, 48, 48, 48]
-    assert bucket_length(100, 4096) == 128
+    got = [bucket_length(n, 48) for n in (1, 16, 17, 24, 25, 32, 33, 47, 48)]
+    assert got == [16, 16, 24, 24, 32, 32, 48, 48, 48]
+    assert [bucket_length(n, 4096) for n in (100, 129, 192, 193, 3000, 5000)] == [
+        128, 192, 192, 256, 3072, 5000]
+    # a task's lengths fall into a handful of buckets: at most two per octave
+    assert len({bucket_length(n, 2048) for n in range(1, 2049)}) == 2 * 7 + 1
 
 
 def test_multiple_choice_loglikelihoods_and_acc_match_brute_force(handle, tmp_path):
@@ -242,21 +246,30 @@ def test_multiple_choice_loglikelihoods_and_acc_match_brute_force(handle, tmp_pa
     assert len(tok.encode(MC_DOCS[2]["question"])) > L
     # batches padded into power-of-two buckets: a couple of compiled shapes, not one per request
     lengths = {s[2] for s in lm.compiled_shapes if s[0] == "score"}
-    assert lengths <= {16, 32, 48} and all(s[1] == 4 for s in lm.compiled_shapes)
+    assert lengths <= {16, 24, 32, 48} and all(s[1] == 4 for s in lm.compiled_shapes)
     if hasattr(lm._score_fn, "_cache_size"):
         assert lm._score_fn._cache_size() == len(lengths)
 
 
-def test_one_request_at_a_time_equals_batched(handle, tmp_path):
+def test_one_request_at_a_time_batched_and_chunked_logits_equal_brute_force(handle, monkeypatch):
     from btlm_jax.harness import BTLMEvalLM
+    from btlm_jax.harness import lm as lm_mod
 
     tok = handle.tokenizer
-    pairs = [ref_split(tok, d["question"] or "", " " + c) for d in MC_DOCS[:4] for c in d["choices"]]
-    pairs = [p for p in pairs if p[0]]
+    pairs = [ref_split(tok, d["question"], " " + c) for d in MC_DOCS[:4] for c in d["choices"]]
+    refs = [ref_loglikelihood(handle, *p) for p in pairs]
     a = BTLMEvalLM(handle, batch_size=1, progress=False).score_pairs(pairs)
     b = BTLMEvalLM(handle, batch_size=8, progress=False).score_pairs(pairs)
-    np.testing.assert_allclose([x[0] for x in a], [x[0] for x in b], rtol=1e-5, atol=1e-4)
-    assert [x[1] for x in a] == [x[1] for x in b]
+    # the vocabulary projection in chunks of positions (as rows longer than 512 are scored)
+    monkeypatch.setattr(lm_mod, "LOGIT_CHUNK", 8)
+    monkeypatch.setattr(lm_mod, "MIN_CHUNK", 8)
+    chunked = BTLMEvalLM(handle, batch_size=8, progress=False)
+    c = chunked.score_pairs(pairs)
+    assert {s[2] for s in chunked.compiled_shapes} & {16, 24, 32, 48}
+    for got in (a, b, c):
+        np.testing.assert_allclose([x[0] for x in got], [r[0] for r in refs], rtol=1e-4,
+                                   atol=2e-3)
+        assert [x[1] for x in got] == [r[1] for r in refs]
 
 
 def test_rolling_loglikelihood_is_the_sum_over_windows(handle, tmp_path):

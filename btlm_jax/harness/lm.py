@@ -60,7 +60,8 @@ from btlm_jax.models.btlm import BTLM, init_cache
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16  # shortest padded length
-LOGIT_CHUNK = 512  # positions projected to the vocabulary at a time
+LOGIT_CHUNK = 512  # positions projected to the vocabulary at a time (longer rows are chunked)
+MIN_CHUNK = 128  # exact (unbucketed) lengths without a power-of-two divisor this big: no chunks
 
 
 class HarnessError(ValueError):
@@ -68,9 +69,12 @@ class HarnessError(ValueError):
 
 
 def bucket_length(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
-    """The padded length for a sequence of ``n`` tokens: the next power of two >= ``minimum``,
-    capped at ``cap`` (and never below ``n``)."""
-    b = max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    """The padded length for a sequence of ``n`` tokens: the smallest of ``2^k`` and
+    ``1.5 * 2^k`` (two buckets per octave, so padding wastes at most a third) that is
+    >= ``max(n, minimum)``, capped at ``cap`` (and never below ``n``)."""
+    n_ = max(n, minimum, 1)
+    p = 1 << max(0, math.ceil(math.log2(n_)))  # next power of two
+    b = (3 * p) // 4 if p >= 4 and (3 * p) // 4 >= n_ else p
     return max(n, min(b, cap))
 
 
@@ -194,8 +198,8 @@ class BTLMEvalLM(TemplateLM):
             return tl, jnp.argmax(logits, axis=-1) == t
 
         b, length = tokens.shape
-        c = min(length, LOGIT_CHUNK)
-        if length == c or length % c:
+        c = min(LOGIT_CHUNK, length & -length)  # largest power of two dividing the length
+        if length <= LOGIT_CHUNK or c < MIN_CHUNK:
             return chunk(hidden, targets)
         n = length // c
         hs = hidden.reshape(b, n, c, -1).swapaxes(0, 1)
