@@ -14,6 +14,7 @@ next :meth:`Checkpointer.check` (the loop calls it every step), not after the ru
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,18 @@ import jax
 import orbax.checkpoint as ocp
 
 from btlm_jax.errors import DiskFullError, enospc_path, is_enospc
+
+
+class _QuietReadOnly(logging.Filter):
+    """Drops Orbax's warnings that a read-only manager is read-only (evaluate, export, ...)."""
+
+    def filter(self, record):
+        msg = str(record.msg)
+        return not (msg.startswith("Given directory is read only")
+                    or msg.startswith("CheckpointManagerOptions.read_only=True"))
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 class CheckpointMismatchError(ValueError):
@@ -39,7 +52,17 @@ def _say(msg: str) -> None:
 
 
 def _keystr(path) -> str:
-    return jax.tree_util.keystr(tuple(path))
+    """``opt_state/1/0/count`` for a path through dicts, attributes or sequences alike (Orbax's
+    metadata tree is nested dicts where the state has dataclasses and named tuples)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -53,8 +76,11 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save and not read_only,
+            max_to_keep=None if read_only else keep,
+            save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=async_save and not read_only,
             create=not read_only, read_only=read_only,
             cleanup_tmp_directories=not read_only)  # a save cut short leaves no partial step
         self.manager = ocp.CheckpointManager(
@@ -184,14 +210,31 @@ class Checkpointer:
                 state, data = self.restore(step, abstract_state)
             except CheckpointCorruptError as e:
                 skipped.append(f"step {step}: {e}")
-                log(f"skipping checkpoint step {step}: {e}; trying the previous one")
+                aside = "" if self.read_only else f" (moved to {self._set_aside(step)})"
+                log(f"skipping checkpoint step {step}: {e}{aside}; trying the previous one")
                 continue
+            if skipped and not self.read_only:
+                self.manager.reload()  # forget the steps set aside: they are written again
             return step, state, data
         if steps:
             raise CheckpointCorruptError(
                 f"no checkpoint in {self.directory} can be read ({'; '.join(skipped)[:600]}). "
                 "Move the directory away to start the run over")
         return None
+
+    def _set_aside(self, step: int) -> str:
+        """Moves a corrupt step out of the way (the run writes that step again), keeping it for
+        inspection next to the checkpoints: ``RUN/checkpoints.corrupt/STEP[.N]``."""
+        src = Path(self.directory) / str(step)
+        dst_dir = Path(self.directory + ".corrupt")
+        dst = dst_dir / str(step)
+        n = 1
+        while dst.exists():
+            dst, n = dst_dir / f"{step}.{n}", n + 1
+        if jax.process_index() == 0:
+            dst_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+        return str(dst)
 
     def wait(self):
         try:
