@@ -2,8 +2,8 @@
 
 A sweep cell is ``--config=FILE[:ARG]`` plus ``--config.KEY=VALUE`` strings. They are parsed by
 an ``absl`` ``FlagValues`` holding the same ``ml_collections`` config-file flag that
-``btlm_jax.main`` defines (``DEFINE_config_file`` with ``lock_config=True``), so a cell parses
-here to the same config the training command sees. Tasks keep their overrides as a dict of typed
+``btlm_jax.main`` defines (``DEFINE_config_file`` with ``lock_config=True``; the definition is
+:func:`define_config_flag`), so a cell parses here to the same config the training command sees. Tasks keep their overrides as a dict of typed
 values (JSON, for the results table); :func:`override_args` turns them into flag strings.
 """
 
@@ -62,19 +62,29 @@ def split_override_args(args: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def define_config_flag(flag_values=None, sys_argv: Sequence[str] | None = None):
+    """The ``--config`` flag (``ml_collections`` config file, locked) on ``flag_values`` (absl's
+    global FLAGS by default): the definition ``btlm_jax.main`` uses, so both parse alike."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    return config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Config file (and preset), e.g. configs/btlm.py:3b_8k.",
+        flag_values=flags.FLAGS if flag_values is None else flag_values, lock_config=True,
+        sys_argv=None if sys_argv is None else list(sys_argv))
+
+
 def load_config(config: str = DEFAULT_CONFIG,
                 overrides: Mapping[str, Any] | Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The config of ``--config=CONFIG`` plus overrides (a dict of typed values or
     ``--config.KEY=VALUE`` strings), parsed by main's config flag. A bad key or value raises
     SweepError naming it."""
     from absl import flags
-    from ml_collections import config_flags
 
     args = list(overrides) if not isinstance(overrides, Mapping) else override_args(overrides)
     argv = ["btlm_jax.main", f"--config={resolve_config(config)}", *args]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (and preset).",
-                                    flag_values=fv, lock_config=True, sys_argv=argv)
+    define_config_flag(fv, sys_argv=argv)
     try:
         fv(argv)
     except Exception as e:  # noqa: BLE001 - absl/ml_collections raise many types; name the culprit
