@@ -460,3 +460,22 @@ def test_cli_on_a_published_btlm_folder_matches_a_float64_reference(tmp_path):
             assert r[0][0] == pytest.approx(ref, abs=2e-3), (ctx, cont)
             lls.append(ref)
         assert s["acc"] == float(int(np.argmax(lls)) == MC_DOCS[s["doc_id"]]["label"])
+
+
+@pytest.mark.slow
+def test_paper_task_sets_name_lm_eval_tasks():
+    """configs/harness/*.yaml: every task exists in the installed lm_eval, with its shots."""
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(ROOT / "configs" / "harness"))
+    known = set(tm.all_tasks)
+    shots = {}
+    for f in sorted((ROOT / "configs" / "harness").glob("*.yaml")):
+        g = yaml.safe_load(f.read_text())
+        assert g["group"] in known
+        for t in g["task"]:
+            assert t["task"] in known, (f.name, t["task"])
+            shots[t["task"]] = t["num_fewshot"]
+    assert shots["mmlu"] == 5 and all(v == 0 for k, v in shots.items() if k != "mmlu")
+    assert {"piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "mmlu"} <= set(shots)

@@ -99,8 +99,8 @@ class BTLMEvalLM(TemplateLM):
     """``lm_eval`` model over a btlm_jax handle (see the module docstring).
 
     ``BTLMEvalLM(handle)`` or ``BTLMEvalLM(path=DIR)`` (a run directory or Hugging Face folder,
-    through :func:`btlm_jax.load_model`); with lm_eval's own CLI:
-    ``lm_eval --model btlm_jax --model_args path=DIR``.
+    through :func:`btlm_jax.load_model`); registered with lm_eval as ``btlm_jax`` once this
+    module is imported: ``simple_evaluate(model="btlm_jax", model_args={"path": DIR})``.
     """
 
     def __init__(self, handle: Any = None, *, path: str | None = None, batch_size: int | str = 8,
