@@ -179,7 +179,9 @@ class BTLM(nn.Module):
     cfg: Any
     # Optional function applied to each layer's parameters inside the layer scan (before remat,
     # so the backward pass re-applies it). The weight-streaming layout uses it to move one
-    # layer's weights from host memory to the devices at a time (btlm_jax/parallel/streaming.py).
+    # layer's weights from host memory to the devices at a time (btlm_jax/parallel/streaming.py);
+    # such a block is always rematerialised (model.remat=none: nothing saved but the carry), so
+    # the backward pass moves the layer again instead of keeping every layer's copy.
     layer_params_fn: Any = None
 
     def setup(self):
@@ -197,8 +199,10 @@ class BTLM(nn.Module):
         block = Block
         if self.layer_params_fn is not None:
             block = nn.map_variables(block, "params", trans_in_fn=self.layer_params_fn)
-        if cfg.remat != "none":
-            block = nn.remat(block, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+        if cfg.remat != "none" or self.layer_params_fn is not None:
+            policy = (remat_policy(cfg.remat) if cfg.remat != "none"
+                      else jax.checkpoint_policies.nothing_saveable)
+            block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -69,7 +69,8 @@ class Placement:
     """Where the train state and batches live, and the hooks the train step calls.
 
     ``to_device`` / ``to_host`` move a pytree between the state's home and the devices (identity
-    in the standard layout); ``streams`` says whether they are real moves (weight streaming).
+    in the standard layout); ``streams`` says whether they are real moves (weight streaming);
+    ``update_fn`` / ``add_fn`` replace the step's optimizer update and gradient sum.
     """
 
     mesh: Mesh
@@ -81,6 +82,11 @@ class Placement:
     to_device: Callable = _identity
     to_host: Callable = _identity
     streams: bool = False
+    # weight streaming: the optimizer update ``(params, opt_state, grad_sums, count) -> (params,
+    # opt_state, grad_norm, param_norm)`` and the sum of two micro-batches' gradients, streamed
+    # layer by layer (None: the train step's own update and tree sum)
+    update_fn: Callable | None = None
+    add_fn: Callable | None = None
 
     def param_shardings(self):
         return self.state_shardings.params

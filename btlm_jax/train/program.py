@@ -115,7 +115,7 @@ class Program:
         return functools.partial(
             train_step, model=p.model, tx=self.tx, lr_schedule=self.lr_schedule,
             grad_accum_steps=self.cfg.train.grad_accum_steps, to_device=p.to_device,
-            to_host=p.to_host, streams=p.streams)
+            to_host=p.to_host, streams=p.streams, update_fn=p.update_fn, add_fn=p.add_fn)
 
     def jit_train_step(self):
         return jax.jit(self.train_step_fn(),

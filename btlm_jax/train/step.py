@@ -63,7 +63,7 @@ def _identity(x):
     return x
 
 
-def _accumulated_grads(grad_fn, params, batch, k: int, to_host, unrolled: bool):
+def _accumulated_grads(grad_fn, params, batch, k: int, to_host, unrolled: bool, add_fn=None):
     """Gradient sums, loss sum and token count over ``k`` micro-batches along the batch axis.
 
     A ``lax.scan`` by default; ``unrolled`` (weight streaming) uses a Python loop so each
@@ -80,7 +80,8 @@ def _accumulated_grads(grad_fn, params, batch, k: int, to_host, unrolled: bool):
         for i in range(k):
             (l, c), g = grad_fn(params, jax.tree_util.tree_map(lambda x, i=i: x[i], micro))
             g = to_host(g)
-            grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+            grads = (g if grads is None else add_fn(grads, g) if add_fn is not None
+                     else jax.tree_util.tree_map(jnp.add, grads, g))
             loss_sum, count = loss_sum + l, count + c
         return grads, loss_sum, count
 
@@ -96,18 +97,20 @@ def _accumulated_grads(grad_fn, params, batch, k: int, to_host, unrolled: bool):
 
 def train_step(state: TrainState, batch, *, model: BTLM, tx: optax.GradientTransformation,
                lr_schedule, grad_accum_steps: int = 1, to_device=_identity, to_host=_identity,
-               streams: bool = False):
+               streams: bool = False, update_fn=None, add_fn=None):
     """One optimizer step. The loss is the mean over all unmasked tokens of the global batch.
 
     With ``grad_accum_steps = k`` the batch is split into k micro-batches along the batch axis and
     their gradients summed; the result equals the one-shot gradient. ``to_device`` / ``to_host``
     are the placement's hooks (identity in the standard layout; weight streaming moves the
     gradients to host memory as they arrive and runs the update on device copies of the state).
+    ``update_fn`` / ``add_fn`` (the placement's, weight streaming) replace the update below and
+    the micro-batch gradient sum with layer-by-layer streamed versions computing the same.
     """
     batch = {k: batch[k] for k in BATCH_KEYS}
     grad_fn = jax.value_and_grad(lambda p, mb: loss_sum_and_count(model, p, mb), has_aux=True)
     grads, loss_sum, count = _accumulated_grads(
-        grad_fn, state.params, batch, grad_accum_steps, to_host, streams)
+        grad_fn, state.params, batch, grad_accum_steps, to_host, streams, add_fn)
 
     def update(params, opt_state, grads, count):
         denom = jnp.maximum(count, 1.0)
@@ -116,9 +119,13 @@ def train_step(state: TrainState, batch, *, model: BTLM, tx: optax.GradientTrans
         params = optax.apply_updates(params, updates)
         return params, opt_state, optax.tree.norm(grads), optax.tree.norm(params)
 
-    params, opt_state, grad_norm, param_norm = update(
-        *to_device((state.params, state.opt_state, grads, to_host(count))))
-    params, opt_state = to_host((params, opt_state))
+    if update_fn is not None:
+        params, opt_state, grad_norm, param_norm = update_fn(
+            state.params, state.opt_state, grads, count)
+    else:
+        params, opt_state, grad_norm, param_norm = update(
+            *to_device((state.params, state.opt_state, grads, to_host(count))))
+        params, opt_state = to_host((params, opt_state))
     metrics = {
         "loss": loss_sum / jnp.maximum(count, 1.0),
         "grad_norm": grad_norm,
