@@ -69,12 +69,21 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
         except Exception as e:  # noqa: BLE001 - report the layout that failed
             raise ValueError(
                 f"mesh: cannot lay out {len(devices)} devices as {dcn} slices/nodes x {ici} "
-                f"(data, fsdp, tensor) per slice: {e}") from e
+                f"(data, fsdp, tensor) per slice: {e}; check mesh.dcn_data (0 = the TPU slices) "
+                "and mesh.data / mesh.fsdp / mesh.tensor") from e
         return Mesh(arr, MESH_AXES)
     try:
         arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001 - fake/CPU devices have no topology; plain order is fine
-        arr = np.asarray(devices).reshape(shape)
+    except Exception as e:  # noqa: BLE001 - see below
+        platforms = sorted({d.platform for d in devices})
+        if platforms != ["cpu"]:  # a real topology the shape does not fit: say so, no guess
+            raise ValueError(
+                f"mesh: cannot lay out the {len(devices)} {'/'.join(platforms)} devices as "
+                f"(data, fsdp, tensor) = {shape} ({type(e).__name__}: {e}); change mesh.data / "
+                "mesh.fsdp / mesh.tensor to a shape that fits the device topology (e.g. put the "
+                "large factor on mesh.fsdp or mesh.data), or set mesh.dcn_data for a job "
+                "spanning slices or nodes") from e
+        arr = np.asarray(devices).reshape(shape)  # CPU devices have no topology: plain order
     return Mesh(arr, MESH_AXES)
 
 
