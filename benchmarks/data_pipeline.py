@@ -122,7 +122,7 @@ def main():
     ap.add_argument("--peak_tflops", type=float, default=989.0)
     args = ap.parse_args()
 
-    from btlm_jax import flops
+    from btlm_jax.train import flops
     from btlm_jax.data import tokenizer
     from configs import btlm as presets
 

@@ -11,8 +11,8 @@ and mesh given exactly as to ``btlm_jax.main``:
 
 Reported: compile time; steady-state step time (median of ``--steps`` after ``--warmup``, each
 ended with ``block_until_ready``); tokens/s; achieved model TFLOP/s
-(:func:`btlm_jax.flops.train_flops_per_token`); MFU against a matmul peak measured in this run in
-the training dtype (:class:`btlm_jax.perf.MatmulProbe`, one probe after every timed step: median
+(:func:`btlm_jax.train.flops.train_flops_per_token`); MFU against a matmul peak measured in this run in
+the training dtype (:class:`btlm_jax.train.perf.MatmulProbe`, one probe after every timed step: median
 step against median probe) and against the device's nominal peak where known; peak device memory
 (``memory_stats`` where the backend has it, else the compiled program's memory analysis).
 ``--json`` prints one JSON object as the last line. ``--vs-torch`` starts
@@ -102,8 +102,8 @@ def run_jax(cfg, steps: int, warmup: int, donate: bool, measure_peak: bool, peak
     import flax.linen as nn
     import jax
 
-    from btlm_jax import perf
-    from btlm_jax.flops import train_flops_per_token
+    from btlm_jax.train import perf
+    from btlm_jax.train.flops import train_flops_per_token
     from btlm_jax.train.program import Program
 
     # the training program itself: same placement, same step, same shardings as a real run

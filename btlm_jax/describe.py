@@ -35,7 +35,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "With --mesh: global batch (defau
 def describe(cfg) -> dict:
     from btlm_jax import optim
     from btlm_jax.config import parse_phases, validate
-    from btlm_jax.flops import train_flops_per_token
+    from btlm_jax.train.flops import train_flops_per_token
     from btlm_jax.models.btlm import BTLM
 
     validate(cfg)

@@ -1,4 +1,4 @@
-"""MFU accounting (btlm_jax.perf), FLOPs per token (btlm_jax.flops) and the train-step benchmark.
+"""MFU accounting (btlm_jax.train.perf), FLOPs per token (btlm_jax.train.flops) and the train-step benchmark.
 
 References are independent of the code under test: MFU by hand, FLOPs by walking the parameter
 tree and by counting every ``dot_general`` in the forward pass's jaxpr.
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from btlm_jax import perf
+from btlm_jax.train import perf
 from btlm_jax.config import default_config
-from btlm_jax.flops import train_flops_per_token
+from btlm_jax.train.flops import train_flops_per_token
 from btlm_jax.models.btlm import BTLM
 
 ROOT = Path(__file__).resolve().parents[1]

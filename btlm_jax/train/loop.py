@@ -35,7 +35,7 @@ def _to_float(tree) -> dict:
 def mfu_metrics(cfg, tokens_per_sec: float, seq_len: int) -> dict:
     """Model TFLOP/s and MFU (against the nominal peak where known, and against a matmul peak
     measured once per process on this device; ``logging.measure_peak``)."""
-    from btlm_jax import perf
+    from btlm_jax.train import perf
 
     peak = None
     if cfg.logging.measure_peak:

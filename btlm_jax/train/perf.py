@@ -1,7 +1,7 @@
 """Throughput accounting: device peaks, a measured matmul peak, and MFU.
 
 MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, where the model FLOPs per
-token are :func:`btlm_jax.flops.train_flops_per_token` (6 x matmul parameters plus causal
+token are :func:`btlm_jax.train.flops.train_flops_per_token` (6 x matmul parameters plus causal
 attention at half; rematerialisation is *not* counted, so recomputation lowers MFU).
 
 Two peaks are offered:
@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from btlm_jax.flops import train_flops_per_token
+from btlm_jax.train.flops import train_flops_per_token
 
 # Dense (no sparsity) bf16 peak per device in TFLOP/s, from the vendors' data sheets.
 # Matched against ``device.device_kind`` (lower-cased) by substring, first match wins, so the more
