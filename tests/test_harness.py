@@ -479,3 +479,47 @@ def test_paper_task_sets_name_lm_eval_tasks():
             shots[t["task"]] = t["num_fewshot"]
     assert shots["mmlu"] == 5 and all(v == 0 for k, v in shots.items() if k != "mmlu")
     assert {"piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "mmlu"} <= set(shots)
+
+
+def _mesh_worker():
+    """Run in a subprocess with 4 CPU devices: the parameters placed (replicated) on a
+    (data 2, fsdp 2) mesh, so the harness splits its batches over both axes. Prints JSON."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from btlm_jax.harness import BTLMEvalLM
+
+    assert len(jax.devices()) == 4
+    h = make_handle()
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("data", "fsdp"))
+    h.params = jax.device_put(h.params, NamedSharding(mesh, P()))
+    lm = BTLMEvalLM(h, batch_size=3, progress=False)  # rounded up to the 4 batch shards
+    tok = h.tokenizer
+    pairs = [ref_split(tok, d["question"], " " + c) for d in MC_DOCS[:4] for c in d["choices"]]
+    got = lm.score_pairs(pairs)
+    refs = [ref_loglikelihood(h, *p) for p in pairs]
+    gens = lm.generate_until([SimpleNamespace(args=(d["prompt"], {"until": ["\n"],
+                                                                   "max_gen_toks": 4}))
+                              for d in GEN_DOCS[:2]])
+    print(json.dumps({"batch_size": lm.batch_size, "axes": list(lm.batch_axes),
+                      "got": [g[0] for g in got], "ref": [r[0] for r in refs],
+                      "gens": gens,
+                      "ref_gens": [ref_greedy(h, d["prompt"], ["\n"], 4) for d in GEN_DOCS[:2]]}))
+
+
+@pytest.mark.slow
+def test_batches_split_over_a_multi_device_mesh(tmp_path):
+    import subprocess
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__, "mesh_worker"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["batch_size"] == 4 and out["axes"] == ["data", "fsdp"]
+    np.testing.assert_allclose(out["got"], out["ref"], rtol=1e-4, atol=2e-3)
+    assert out["gens"] == out["ref_gens"]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["mesh_worker"]:
+    _mesh_worker()
