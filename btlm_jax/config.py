@@ -73,12 +73,8 @@ def default_model() -> ml_collections.ConfigDict:
     return m
 
 
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = default_model()
-
-    o = c.optim = ml_collections.ConfigDict()
+def default_optim() -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
     o.name = "adamw"  # adamw | adamw_ema (same numbers; the EMA form exposes timescales)
     o.peak_lr = 3e-3
     o.warmup_steps = 20
@@ -95,8 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
     o.eps = 1e-8
     o.grad_clip = 1.0
     o.mup_lr_scaling = True  # hidden matrices get lr / width_mult (only if model.mup.enabled)
+    return o
 
-    t = c.train = ml_collections.ConfigDict()
+
+def default_train() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
     t.steps = 200
     t.batch_size = 8  # global batch (sequences per optimizer step)
     t.seq_len = 256
@@ -111,8 +110,11 @@ def default_config() -> ml_collections.ConfigDict:
     # or rollback (restore it, skip the batches in between, continue).
     t.max_loss_spike = 0.0
     t.on_divergence = "stop"
+    return t
 
-    d = c.data = ml_collections.ConfigDict()
+
+def default_data() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
     d.train = ""  # glob(s) of shards, comma separated; empty = embedded sample corpus
     d.eval = ""  # glob(s) for evaluation; empty = the sample corpus' holdout split
     d.cache_dir = ""  # empty = ~/.cache/btlm_jax
@@ -124,6 +126,16 @@ def default_config() -> ml_collections.ConfigDict:
     d.on_error = "raise"  # raise | skip
     d.num_workers = 0  # grain worker processes (0 = in process)
     d.prefetch = 2
+    return d
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = default_model()
+    c.optim = default_optim()
+    c.train = default_train()
+    c.data = default_data()
 
     e = c.eval = ml_collections.ConfigDict()
     e.every_steps = 50
