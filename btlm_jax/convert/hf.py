@@ -176,6 +176,14 @@ def model_overrides(hf: dict) -> tuple[str, dict]:
     if pos not in ("alibi", "learned"):
         raise ConversionError(f"config.json position_embedding_type={pos!r}: must be alibi or learned")
     ov["position"] = pos
+    ov.update(_mup_overrides(hf, d, ov["d_ff"]))
+    ov.update(_alibi_scaling_overrides(hf.get("alibi_scaling")))
+    return "btlm", ov
+
+
+def _mup_overrides(hf: dict, d: int, d_ff: int) -> dict:
+    """model.mup.* from a BTLM config's muP keys (either key generation)."""
+    ov: dict = {}
     # muP keys; the first public revision of btlm-3b-8k-base used the unprefixed names.
     width = float(hf.get("mup_width_scale", hf.get("width_scale", 1.0)))
     emb = float(hf.get("mup_embeddings_scale", hf.get("embeddings_scale", 1.0)))
@@ -193,7 +201,7 @@ def model_overrides(hf: dict) -> tuple[str, dict]:
                 f"config.json mup_width_scale={width} with n_embd={d} gives a non-integer muP base "
                 f"width {d * width}; model.mup.base_d_model must be an integer")
         ov.update({"mup.enabled": True, "mup.base_d_model": int(base),
-                   "mup.base_d_ff": _tidy(ov["d_ff"] * width), "mup.embed_mult": emb,
+                   "mup.base_d_ff": _tidy(d_ff * width), "mup.embed_mult": emb,
                    "mup.output_mult": alpha})
     else:
         if not (_close(width, 1) and _close(emb, 1) and _close(alpha, 1)):
@@ -202,7 +210,12 @@ def model_overrides(hf: dict) -> tuple[str, dict]:
                 f"mup_output_alpha={alpha} with mup_scale_qk_dot_by_d=false: btlm_jax ties the muP "
                 "multipliers to 1/d_head attention, so this mix cannot be represented")
         ov["mup.enabled"] = False
-    sc = hf.get("alibi_scaling")
+    return ov
+
+
+def _alibi_scaling_overrides(sc) -> dict:
+    """model.alibi_scaling (fixed factor) or model.alibi_scaling_train_seq_len (dynamic)."""
+    ov: dict = {}
     if sc is not None:
         if not isinstance(sc, dict) or sc.get("type") != "linear":
             raise ConversionError(f"config.json alibi_scaling={sc!r}: expected "
@@ -221,7 +234,7 @@ def model_overrides(hf: dict) -> tuple[str, dict]:
             ov["train_seq_len"] = n  # also the reference length of evaluate's PI
         else:
             raise ConversionError(f"config.json alibi_scaling={sc!r}: give 'factor' or 'train_seq_len'")
-    return "btlm", ov
+    return ov
 
 
 def _tidy(x: float) -> float:
