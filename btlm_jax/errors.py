@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import re
 import sys
@@ -76,6 +77,44 @@ def enospc_path(e: BaseException) -> str | None:
             return str(e.filename)
         e = e.__cause__ or e.__context__
     return None
+
+
+class _DropDiskFullLogs(logging.Filter):
+    """Drops library log records about a full disk (Orbax's background save threads log each
+    failed write with its traceback): the run reports it once, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and is_enospc(exc):
+            return False
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is not ours to judge
+            return True
+        return not ("No space left on device" in text or "os_error_code='28'" in text)
+
+
+_DISK_FULL_FILTER = _DropDiskFullLogs()
+
+
+def quiet_disk_full_logs() -> None:
+    """Installs the filter on the root logger's handlers (absl's among them) and absl's logger,
+    and drops the "Event loop is closed" errors that TensorStore callbacks of a failed Orbax save
+    print one per pending write; idempotent."""
+    targets = list(logging.getLogger().handlers) + [logging.getLogger("absl")]
+    for t in targets:
+        if _DISK_FULL_FILTER not in t.filters:
+            t.addFilter(_DISK_FULL_FILTER)
+    if not getattr(sys.excepthook, "_btlm_quiet", False):
+        previous = sys.excepthook
+
+        def hook(tp, value, tb, previous=previous):
+            if tp is RuntimeError and str(value) == "Event loop is closed":
+                return  # a callback of an aborted asynchronous write; the cause is reported
+            previous(tp, value, tb)
+
+        hook._btlm_quiet = True
+        sys.excepthook = hook
 
 
 def _user_error_types() -> tuple:
@@ -212,6 +251,7 @@ def report(e: BaseException, stream=None) -> bool:
 @contextlib.contextmanager
 def cli():
     """Turns user errors raised inside into one ``error:`` line and exit status 2."""
+    quiet_disk_full_logs()
     try:
         yield
     except (SystemExit, KeyboardInterrupt, GeneratorExit):
@@ -219,6 +259,15 @@ def cli():
     except BaseException as e:  # noqa: BLE001 - classified below; bugs re-raised
         if not report(e):
             raise
+        if is_enospc(e):
+            # no interpreter shutdown: callbacks of aborted asynchronous writes would print
+            # tracebacks after the one line (the run has stopped; its files are closed)
+            for f in (sys.stdout, sys.stderr):
+                try:
+                    f.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(EXIT_USER_ERROR)
         sys.exit(EXIT_USER_ERROR)
 
 

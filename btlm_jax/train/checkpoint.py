@@ -23,7 +23,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from btlm_jax.errors import DiskFullError, enospc_path, is_enospc
+from btlm_jax.errors import DiskFullError, enospc_path, is_enospc, quiet_disk_full_logs
 
 
 class _QuietReadOnly(logging.Filter):
@@ -77,6 +77,7 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
+        quiet_disk_full_logs()  # a full disk is reported once, by _disk_full
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep,
             save_interval_steps=0 if read_only else 1,
@@ -98,6 +99,10 @@ class Checkpointer:
         """A save that failed for lack of space: remove its partial step, raise one clear error."""
         if not is_enospc(e):
             return
+        try:  # let the background save threads end before removing what they wrote
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the same failure, reported below
+            pass
         self.remove_partial()
         raise DiskFullError(enospc_path(e) or self.directory) from e
 
