@@ -86,32 +86,40 @@ def _state_bytes(cfg) -> int:
 
 
 def _worker_runs(out_json, cache_dir, root):
-    """10-step tiny runs (4 devices) in both layouts, grad_accum 1 and 2, clipping active; then
-    ``evaluate``'s path (load_run -> Evaluator) on each run directory."""
+    """10-step tiny runs (4 devices), clipping active: standard, and weight streaming with
+    grad_accum 1 and 2 (the standard layout's accumulation equality is tested in
+    test_parallel.py); then ``evaluate``'s path (load_run -> Evaluator), greedy generation and
+    export on the grad_accum 1 run directories."""
     import jax
 
+    from btlm_jax.convert.__main__ import export_checkpoint
     from btlm_jax.eval.perplexity import Evaluator
+    from btlm_jax.eval.sampling import Generator, SamplingConfig
     from btlm_jax.eval.session import load_run
     from btlm_jax.train.loop import train
 
     assert len(jax.devices()) == 4
     res = {}
-    for layout in ("standard", "weight_streaming"):
-        for accum in (1, 2):
-            wd = Path(root) / f"{layout}_{accum}"
-            train(_tiny_run(cache_dir, **{"mesh.layout": layout,
-                                          "train.grad_accum_steps": accum}), str(wd))
-            recs = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
-            out = {"loss": [r["loss"] for r in recs if "loss" in r],
-                   "grad_norm": [r["grad_norm"] for r in recs if "grad_norm" in r]}
-            if accum == 1:
-                run = load_run(str(wd))
-                out["memory_kinds"] = sorted({str(x.sharding.memory_kind)
-                                              for x in jax.tree_util.tree_leaves(run.params)})
-                ev = Evaluator(run)
-                tot = ev.evaluate(32, 1.0)
-                out["evaluate_loss"] = float(tot["loss_sum"] / tot["count"])
-            res[f"{layout}_{accum}"] = out
+    for layout, accum in (("standard", 1), ("weight_streaming", 1), ("weight_streaming", 2)):
+        wd = Path(root) / f"{layout}_{accum}"
+        train(_tiny_run(cache_dir, **{"mesh.layout": layout,
+                                      "train.grad_accum_steps": accum}), str(wd))
+        recs = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+        out = {"loss": [r["loss"] for r in recs if "loss" in r],
+               "grad_norm": [r["grad_norm"] for r in recs if "grad_norm" in r]}
+        if accum == 1:
+            run = load_run(str(wd))
+            out["memory_kinds"] = sorted({str(x.sharding.memory_kind)
+                                          for x in jax.tree_util.tree_leaves(run.params)})
+            ev = Evaluator(run)
+            tot = ev.evaluate(32, 1.0)
+            out["evaluate_loss"] = float(tot["loss_sum"] / tot["count"])
+            gen = Generator(run.model, run.params)
+            out["generated"] = gen.generate([[1, 2, 3, 4], [5, 6]],
+                                            SamplingConfig(max_new_tokens=4, temperature=0))
+            exported = export_checkpoint(str(wd), str(Path(root) / f"export_{layout}"))
+            out["exported"] = sorted(p.name for p in Path(exported).iterdir())
+        res[f"{layout}_{accum}"] = out
     Path(out_json).write_text(json.dumps(res))
 
 
@@ -210,7 +218,7 @@ def test_streamed_memory_flat_in_depth_and_host_state_sharded(tmp_path):
 def test_streamed_runs_equal_standard_and_evaluate(tmp_path_factory, tmp_path):
     """4 devices, 10 steps, clipping active: weight streaming's losses and grad norms equal the
     standard layout's with and without gradient accumulation; evaluate's path on the streamed
-    run directory gives the standard run's loss."""
+    run directory gives the standard run's loss; generate and export work on it."""
     cache = tmp_path_factory.getbasetemp() / "btlm_streaming_cache"
     cache.mkdir(exist_ok=True)
     out = tmp_path / "runs.json"
@@ -221,9 +229,10 @@ def test_streamed_runs_equal_standard_and_evaluate(tmp_path_factory, tmp_path):
     assert min(ref["grad_norm"]) > 0.05  # optim.grad_clip=0.05 clips every step
     for accum in (1, 2):
         for key in ("loss", "grad_norm"):
-            np.testing.assert_allclose(res[f"weight_streaming_{accum}"][key],
-                                       res[f"standard_{accum}"][key], rtol=2e-4,
-                                       err_msg=f"grad_accum_steps={accum}: {key}")
-    assert res["weight_streaming_1"]["memory_kinds"] == ["pinned_host"]
-    np.testing.assert_allclose(res["weight_streaming_1"]["evaluate_loss"],
-                               ref["evaluate_loss"], rtol=2e-4)
+            np.testing.assert_allclose(res[f"weight_streaming_{accum}"][key], ref[key],
+                                       rtol=2e-4, err_msg=f"grad_accum_steps={accum}: {key}")
+    ws = res["weight_streaming_1"]
+    assert ws["memory_kinds"] == ["pinned_host"] and ref["memory_kinds"] == ["device"]
+    np.testing.assert_allclose(ws["evaluate_loss"], ref["evaluate_loss"], rtol=2e-4)
+    assert ws["generated"] == ref["generated"] and len(ref["generated"][0]) == 4
+    assert ws["exported"] == ref["exported"] and "config.json" in ws["exported"]
