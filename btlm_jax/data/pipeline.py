@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import os
+import threading
 from typing import Any
 
 import grain
@@ -234,17 +235,19 @@ class EpochOrder:
     def __init__(self, n: int, seed: int):
         self.n, self.seed = int(n), int(seed)
         self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # the prefetch thread and the loop may both read
         self._grain = None if self.n <= self.DENSE_MAX else \
             grain.MapDataset.range(self.n).shuffle(seed=self.seed)
 
     def _perm(self, epoch: int) -> np.ndarray:
-        p = self._perms.get(epoch)
-        if p is None:
-            p = np.random.default_rng((self.seed, epoch)).permutation(self.n)
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = p
-        return p
+        with self._lock:
+            p = self._perms.get(epoch)
+            if p is None:
+                p = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+                if len(self._perms) >= 2:
+                    self._perms.pop(min(self._perms))
+                self._perms[epoch] = p
+            return p
 
     def __call__(self, ks) -> np.ndarray:
         ks = np.asarray(ks, np.int64)
