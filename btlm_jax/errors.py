@@ -232,13 +232,15 @@ def define_verbose_flag() -> None:
                           f"{VERBOSE_ENV}=1).")
 
 
-def report(e: BaseException, stream=None) -> bool:
-    """Prints ``e`` as a user error (traceback first when verbose); False if it is a bug."""
+def report(e: BaseException, stream=None, verbose_: bool | None = None) -> bool:
+    """Prints ``e`` as a user error (traceback first when verbose); False if it is a bug.
+    ``verbose_`` overrides the --verbose / BTLM_VERBOSE lookup (a CLI with its own parser)."""
     msg = message(e)
     if msg is None:
         return False
     stream = stream or sys.stderr
-    if verbose():
+    if verbose_ or (verbose_ is None and verbose()) or (verbose_ is False and os.environ.get(
+            VERBOSE_ENV, "").strip() not in ("", "0", "false", "False")):
         traceback.print_exception(type(e), e, e.__traceback__, file=stream)
     try:
         sys.stdout.flush()

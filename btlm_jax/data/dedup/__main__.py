@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 
-from .io import DedupInputError
+from btlm_jax import errors
+
+from .io import DedupInputError  # noqa: F401  (a user error: errors.report prints it as one line)
 from .pipeline import DedupConfig, run_dedup
 
 
@@ -80,10 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         stats = run_dedup(cfg)
-    except (DedupInputError, OSError) as exc:  # the user's files, flags or disk
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - the user's files, flags or disk: one line (shared)
+        if not errors.report(exc, verbose_=args.verbose):
+            raise
         return 2
     t = stats["total"]
     print(json.dumps({
