@@ -521,5 +521,43 @@ def test_batches_split_over_a_multi_device_mesh(tmp_path):
     assert out["gens"] == out["ref_gens"]
 
 
+
+@pytest.mark.slow
+def test_in_loop_harness_metrics_in_a_tiny_run(tmp_path):
+    """``eval.harness_tasks`` in a ``tiny`` run: harness/<task>/<metric> at every evaluation
+    step in metrics.jsonl, computed on the live parameters (the last one equals the metric on
+    the checkpoint saved at that step)."""
+    from configs.btlm import get_config
+
+    import btlm_jax
+    from btlm_jax.harness.hook import harness_metrics
+    from btlm_jax.train.loop import train
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_mc_task(tasks)
+    c = get_config("tiny")
+    m = c.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 512, 64, 2, 2, 128
+    m.mup.base_d_model, m.mup.base_d_ff = 64, 128.0
+    c.data.tokenizer, c.data.cache_dir = "bytes", str(tmp_path / "cache")
+    c.train.seq_len, c.train.batch_size, c.train.steps, c.train.log_every_steps = 64, 4, 4, 2
+    c.optim.warmup_steps = 1
+    c.eval.every_steps, c.eval.num_batches, c.eval.batch_size = 2, 1, 4
+    c.eval.harness_tasks, c.eval.harness_include_path = "local_mc", str(tasks)
+    c.eval.harness_limit = 3
+    c.logging.progress_bar = c.logging.tensorboard = c.logging.measure_peak = False
+    c.checkpoint.async_save, c.checkpoint.every_steps = False, 2
+    train(c, str(tmp_path / "run"))
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs if "harness/local_mc/acc" in r]
+    assert steps == [r["step"] for r in recs if "eval_loss" in r] == [2, 4]
+    accs = [r["harness/local_mc/acc"] for r in recs if "harness/local_mc/acc" in r]
+    assert all(a in (0.0, 1 / 3, 2 / 3, 1.0) for a in accs)
+    lm = btlm_jax.load_model(tmp_path / "run")
+    again = harness_metrics(c, lm.model, lm.params, lm.tokenizer)
+    assert again["harness/local_mc/acc"] == pytest.approx(accs[-1])
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["mesh_worker"]:
     _mesh_worker()

@@ -78,6 +78,11 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
     def evaluate(ctx: Context):
         record(ctx)
         ctx.record.update(eval_metrics(program, feed, ctx.state.params, ctx.seq_len))
+        if cfg.eval.get("harness_tasks"):  # lm-eval tasks on the live parameters
+            from btlm_jax.harness.hook import harness_metrics
+
+            ctx.record.update(harness_metrics(cfg, program.model, ctx.state.params,
+                                              run.tokenizer))
 
     sinks = make_sinks(cfg, run.path, start)
     # every step: loss / grad norm finite (and no loss spike) before anything is saved
