@@ -48,6 +48,9 @@ def train_step_memory(cfg, mesh: tuple[int, int, int], *, seq_len: int | None = 
     ``seq_len`` picks the phase (default: the longest sequence); ``batch_size`` overrides its
     global batch. ``device_total`` = arguments + outputs - aliased (donated) + temporaries, minus
     what lives in host memory (weight streaming) where the backend does not report it apart.
+    ``host_total`` is the host-memory figure: the backend's host fields where it reports them,
+    else the host-resident state (a lower bound: XLA:CPU, where host and device memory are the
+    same RAM, counts the streamed gradients and the optimizer loop's buffers as temporaries).
     """
     import ml_collections
 
@@ -64,7 +67,12 @@ def train_step_memory(cfg, mesh: tuple[int, int, int], *, seq_len: int | None = 
         bs = match[0][1] if match else phases[-1][1]
     bs = int(batch_size or bs)
     tr = Program.from_config(cfg, devices)
-    compiled = tr.compile_train_step(seq_len, bs)
+    return memory_figures(tr, tr.compile_train_step(seq_len, bs), seq_len, bs)
+
+
+def memory_figures(tr, compiled, seq_len: int, bs: int) -> dict:
+    """The figures of :func:`train_step_memory` for program ``tr``'s compiled train step."""
+    cfg = tr.cfg
     ma = compiled.memory_analysis()
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
               "temp_size_in_bytes", "generated_code_size_in_bytes",
@@ -79,6 +87,9 @@ def train_step_memory(cfg, mesh: tuple[int, int, int], *, seq_len: int | None = 
         # this backend counts host-memory buffers with the device's: take the (donated, so
         # counted once) host-resident state out again
         total -= state_host
+    host_total = (raw["host_argument_size_in_bytes"] + raw["host_output_size_in_bytes"]
+                  - raw["host_alias_size_in_bytes"] + raw["host_temp_size_in_bytes"]
+                  if reported_apart else state_host)
     return {
         "mesh": dict(tr.mesh.shape), "layout": cfg.mesh.layout, "seq_len": seq_len,
         "global_batch": bs,
@@ -86,7 +97,8 @@ def train_step_memory(cfg, mesh: tuple[int, int, int], *, seq_len: int | None = 
         "backend": jax.default_backend(), "num_devices": tr.mesh.size,
         "state_bytes_per_device_on_device": _bytes(tr.abstract_state, host=False),
         "state_bytes_per_device_in_host_memory": state_host,
-        "device_total_bytes": total, **raw,
+        "device_total_bytes": total, "host_total_bytes": host_total,
+        "host_reported_apart": reported_apart, **raw,
     }
 
 
@@ -103,4 +115,8 @@ def format_report(info: dict) -> str:
         f" GiB, temporaries {info['temp_size_in_bytes'] / gib:.3f} GiB",
         f"  device memory per device (peak estimate): {info['device_total_bytes'] / gib:.3f} GiB",
     ]
+    if info.get("host_total_bytes"):
+        how = ("reported by the backend" if info.get("host_reported_apart") else
+               "the host-resident state; this backend does not report host buffers apart")
+        lines.append(f"  host memory per device: {info['host_total_bytes'] / gib:.3f} GiB ({how})")
     return "\n".join(lines)
