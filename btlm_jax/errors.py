@@ -115,6 +115,18 @@ def quiet_disk_full_logs() -> None:
 
         hook._btlm_quiet = True
         sys.excepthook = hook
+    if not getattr(sys.unraisablehook, "_btlm_quiet", False):
+        previous_u = sys.unraisablehook
+
+        def unraisable(u, previous_u=previous_u):
+            # TensorStore reports exceptions of its asyncio callbacks as unraisable
+            if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == \
+                    "Event loop is closed":
+                return
+            previous_u(u)
+
+        unraisable._btlm_quiet = True
+        sys.unraisablehook = unraisable
 
 
 def _user_error_types() -> tuple:
