@@ -132,8 +132,6 @@ def quiet_disk_full_logs() -> None:
 def _user_error_types() -> tuple:
     """The package's user-facing exception classes (imported lazily: they live in modules with
     heavy imports, and a missing optional module must not break error reporting)."""
-    import importlib
-
     names = [
         ("btlm_jax.config", "ConfigError"), ("btlm_jax.train.run_dir", "RunError"),
         ("btlm_jax.train.checkpoint", "CheckpointMismatchError"),

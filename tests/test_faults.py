@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -447,8 +446,6 @@ def test_full_disk_stops_with_one_line_and_the_copy_resumes_exactly(cache_dir, t
 @pytest.mark.slow
 def test_changed_data_train_keeps_the_tokenizer(trained, cache_dir, tmp_path, monkeypatch,
                                                 capsys):
-    import zstandard  # noqa: F401  (the sample corpus is .jsonl.zst; plain .jsonl here)
-
     from btlm_jax.data import tokenizer as tok_mod
 
     run = tmp_path / "run"

@@ -10,7 +10,6 @@ with the token counters: the data position is the step, see :mod:`~btlm_jax.trai
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
