@@ -113,7 +113,7 @@ def run_jax(cfg, steps: int, warmup: int, donate: bool, measure_peak: bool, peak
     num_params = program.num_params
     state = program.init_state()
     batch = _synthetic_batch(cfg, batch_size, seq_len, program.batch_sharding)
-    with nn.logical_axis_rules(program.rules):
+    with program.tracing():
         jitted = jax.jit(program.train_step_fn(),
                          in_shardings=(program.state_shardings, program.batch_sharding),
                          out_shardings=(program.state_shardings, None),

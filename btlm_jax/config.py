@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 # right-hand side = replicated). ``act_*`` name activation axes, the rest parameter axes.
 DEFAULT_MESH_RULES: tuple[str, ...] = (
     "act_batch=data+fsdp", "act_length=", "act_embed=", "act_heads=tensor", "act_mlp=tensor",
+    "act_vocab=tensor",
     "vocab=tensor", "embed=fsdp", "heads=tensor", "kv=", "mlp=tensor", "norm=", "layers=",
 )
 

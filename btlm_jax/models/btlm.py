@@ -11,6 +11,8 @@ logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``, 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +23,31 @@ from jax.ad_checkpoint import checkpoint_name
 from btlm_jax.models import attention as attention_lib
 from btlm_jax.models.alibi import effective_slopes
 from btlm_jax.models.mup import mup_scales
+
+# The mesh the activation sharding constraints refer to (set by the training program around
+# tracing, see :func:`activation_mesh`). Passed explicitly to Flax instead of a global mesh, so
+# the parameters' own boxes inside the layer scan stay unconstrained.
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh):
+    """Within this context the model's activations are constrained to ``mesh`` by the logical
+    axis rules in force (``act_batch``, ``act_length``, ``act_embed``, ``act_mlp``, ...)."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x, axes):
+    """``nn.with_logical_constraint`` on the activation mesh (a no-op outside one)."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    return nn.with_logical_constraint(x, axes, mesh=mesh)
+
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -130,8 +157,7 @@ class Mlp(nn.Module):
         else:
             h = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi")(x)
             h = nn.gelu(h, approximate=(cfg.activation == "gelu_tanh"))
-        h = nn.with_logical_constraint(checkpoint_name(h, "mlp_hidden"),
-                                       ("act_batch", "act_length", "act_mlp"))
+        h = constrain(checkpoint_name(h, "mlp_hidden"), ("act_batch", "act_length", "act_mlp"))
         return dense(cfg.d_model, sc.out_proj_std, ("mlp", "embed"), "wo")(h)
 
 
@@ -146,7 +172,7 @@ class Block(nn.Module):
             _layer_norm(self.cfg, "ln_1")(x), ctx, cache, cache_index)
         x = x + h
         x = x + Mlp(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x))
-        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
         return x, new_cache
 
 
@@ -249,7 +275,7 @@ class BTLM(nn.Module):
         if self.cfg.position == "learned":
             x = x + self.pos_embed(positions)
         x = x * self.scales.embed_mult
-        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
 
     def _attention_inputs(self, q_positions, q_segment_ids, k_positions, k_segment_ids,
                           alibi_scale, key_len, q_offset):
@@ -308,4 +334,5 @@ class BTLM(nn.Module):
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x)
+        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
         return logits.astype(jnp.float32) * self.scales.output_mult

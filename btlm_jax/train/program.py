@@ -9,6 +9,7 @@ conversion, ahead-of-time memory reports and benchmarks all build the same progr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 
 from btlm_jax import optim
 from btlm_jax.config import parse_phases, validate
-from btlm_jax.models.btlm import BTLM
+from btlm_jax.models.btlm import BTLM, activation_mesh
 from btlm_jax.parallel import mesh as mesh_lib
 from btlm_jax.parallel.sharding import Placement, placement
 from btlm_jax.train.step import BATCH_KEYS, TrainState, eval_step, train_step
@@ -122,9 +123,16 @@ class Program:
                        in_shardings=(self.state_shardings, self.batch_sharding),
                        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
+    @contextlib.contextmanager
+    def tracing(self):
+        """The context the model is traced in: the logical-axis rules and the activation mesh,
+        so the activations are constrained as ``mesh.rules`` says (``act_*`` axes)."""
+        with nn.logical_axis_rules(self.rules), activation_mesh(self.mesh):
+            yield
+
     def under_rules(self, fn):
         def run(*args):  # the model's activation constraints read the rules at trace time
-            with nn.logical_axis_rules(self.rules):
+            with self.tracing():
                 return fn(*args)
         return run
 
@@ -156,7 +164,7 @@ class Program:
 
     def compile_train_step(self, seq_len: int, batch_size: int):
         """Lowers and compiles the train step for abstract inputs (nothing is allocated)."""
-        with nn.logical_axis_rules(self.rules):
+        with self.tracing():
             return self.jit_train_step().lower(
                 self.abstract_state, self.abstract_batch(seq_len, batch_size)).compile()
 
