@@ -1,35 +1,14 @@
-"""Describe a config without allocating it: ``python -m btlm_jax.describe --config=configs/btlm.py:3b_8k``.
+"""Describe a config without allocating it: parameter count, FLOPs per token, state bytes.
 
-Prints the exact parameter count (from ``jax.eval_shape``), training FLOPs per token, and the bytes
-of parameters and optimizer state. ``--json`` prints the same as one JSON object on the last line.
+The command is ``python -m btlm_jax.describe`` / ``btlm-describe`` (:mod:`btlm_jax.cli.describe`).
 """
 
 from __future__ import annotations
-
-import json
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
-
-from btlm_jax import errors
-
-with errors.cli():  # a misspelt --config.KEY override fails here, while the flag is defined
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/btlm.py:tiny", "Config file.")
-errors.define_verbose_flag()
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
-_MESH = flags.DEFINE_string(
-    "mesh", None, "DATA,FSDP,TENSOR: also compile the train step ahead of time for this mesh and "
-    "print per-device memory (btlm_jax/train/aot.py).")
-_FAKE_DEVICES = flags.DEFINE_integer(
-    "fake_devices", 0, "With --mesh: compile for this many fake (CPU) devices instead of the "
-    "machine's real ones.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "With --mesh: the phase to compile (default: "
-                                "the longest sequence length).")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "With --mesh: global batch (default: the phase's).")
 
 
 def describe(cfg) -> dict:
@@ -73,35 +52,9 @@ def describe(cfg) -> dict:
     }
 
 
-@errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
-def main(argv):
-    del argv
-    if _MESH.value and _FAKE_DEVICES.value:
-        from btlm_jax.train.aot import use_fake_devices
-
-        use_fake_devices(_FAKE_DEVICES.value)  # before anything initialises a JAX backend
-    info = describe(_CONFIG.value)
-    gib = 1024 ** 3
-    print(f"parameters:            {info['num_params']:,} "
-          f"({info['num_non_embedding_params']:,} non-embedding)")
-    for seq, f in info["flops_per_token_by_phase"].items():
-        print(f"train FLOPs / token:   {f:.4g} at seq_len {seq}")
-    print(f"parameter bytes:       {info['param_bytes']:,} ({info['param_bytes'] / gib:.2f} GiB)")
-    print(f"optimizer state bytes: {info['optimizer_state_bytes']:,} "
-          f"({info['optimizer_state_bytes'] / gib:.2f} GiB)")
-    print("inference weight bytes: " + ", ".join(
-        f"{k} {v:,} ({v / 1e9:.2f} GB)" for k, v in info["weight_bytes_by_format"].items())
-        + f" [int4: groups of {info['int4_group_size']}]")
-    if _MESH.value:
-        from btlm_jax.train import aot
-
-        info["aot"] = aot.train_step_memory(
-            _CONFIG.value, aot.parse_mesh(_MESH.value), seq_len=_SEQ_LEN.value or None,
-            batch_size=_BATCH.value or None)
-        print(aot.format_report(info["aot"]))
-    if _JSON.value:
-        print(json.dumps(info))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from btlm_jax.cli.describe import run
+
+    run()

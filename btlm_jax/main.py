@@ -1,45 +1,6 @@
-"""Train (or resume) a model: ``python -m btlm_jax.main --config=configs/btlm.py:tiny --workdir=DIR``.
+"""``python -m btlm_jax.main``: the `btlm-train` command (:mod:`btlm_jax.cli.train`)."""
 
-Any config key can be overridden on the command line, e.g. ``--config.train.steps=200
---config.optim.schedule=d2z``. Rerunning the same command on the same workdir resumes from the
-latest checkpoint; SIGTERM saves a checkpoint and exits cleanly.
-"""
-
-from __future__ import annotations
-
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from btlm_jax import errors
-
-with errors.cli():  # a misspelt --config.KEY override fails here, while the flag is defined
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", "configs/btlm.py:tiny", "Config file (and preset), e.g. configs/btlm.py:3b_8k.",
-        lock_config=True)
-errors.define_verbose_flag()
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
-
-
-@errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from btlm_jax.parallel.distributed import maybe_initialize
-    from btlm_jax.train.loop import train
-
-    logging.set_verbosity(logging.WARNING)  # Orbax/Grain INFO chatter drowns the progress bar
-    maybe_initialize()
-    result = train(_CONFIG.value, _WORKDIR.value)
-    keys = [k for k in ("step", "loss", "eval_loss", "tokens_per_sec") if k in result]
-    print("done: " + ", ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float)
-                               else f"{k}={result[k]}" for k in keys), flush=True)
-
-
-def run():
-    flags.mark_flag_as_required("workdir")
-    app.run(main)
-
+from btlm_jax.cli.train import main, run  # noqa: F401
 
 if __name__ == "__main__":
     run()

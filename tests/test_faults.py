@@ -256,7 +256,7 @@ def test_export_refuses_nan_weights_and_a_nonempty_out(trained, tmp_path):
     assert r.returncode == 2 and "non-finite weights" in r.stderr and "--step" in r.stderr
     assert r.stderr.strip().count("\n") == 0, r.stderr
     assert not (tmp_path / "new" / "model.safetensors").exists()
-    from btlm_jax.convert.__main__ import export_checkpoint
+    from btlm_jax.convert.workdir import export_checkpoint
 
     export_checkpoint(str(run), str(out), step=4, overwrite=True)  # --step=4 --overwrite
     assert (out / "model.safetensors").exists()

@@ -92,7 +92,7 @@ def _worker_runs(out_json, cache_dir, root):
     export on the grad_accum 1 run directories."""
     import jax
 
-    from btlm_jax.convert.__main__ import export_checkpoint
+    from btlm_jax.convert.workdir import export_checkpoint
     from btlm_jax.eval.perplexity import Evaluator
     from btlm_jax.eval.sampling import Generator, SamplingConfig
     from btlm_jax.eval.session import load_run

@@ -60,11 +60,12 @@ def load_run(workdir: str | Path, step: int | None = None, devices=None) -> Run:
             raise RunError(
                 f"{rd.checkpoint_dir} holds no checkpoint: train first (python -m btlm_jax.main "
                 "...) or import one (python -m btlm_jax.convert import ...)")
-        if step is None:
-            step = max(steps)
+        if step is None:  # the newest readable one (a corrupt latest step is skipped, said)
+            step, state, _ = ckpt.restore_latest(program.abstract_state)
         elif step not in steps:
             raise RunError(f"no checkpoint for step {step} in {workdir}; available: {sorted(steps)}")
-        state, _ = ckpt.restore(step, program.abstract_state)
+        else:
+            state, _ = ckpt.restore(step, program.abstract_state)
     finally:
         ckpt.close()
     return Run(cfg=rd.cfg, program=program, params=state.params, step=int(step),

@@ -1,6 +1,6 @@
 """Sweeps and experiments.
 
-- :mod:`~btlm_jax.experiments.overrides`: ``--config.KEY=VALUE`` overrides parsed by the same
+- :mod:`~btlm_jax.cli.overrides`: ``--config.KEY=VALUE`` overrides parsed by the same
   ``ml_collections`` config flag as ``python -m btlm_jax.main``;
 - :mod:`~btlm_jax.experiments.grid`: grids (``{axis: {label: overrides}}``) and tasks, each a plain
   ``python -m btlm_jax.main`` command;

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from btlm_jax.experiments.overrides import DEFAULT_CONFIG, SweepError, override_args, resolve_config
+from btlm_jax.cli.overrides import DEFAULT_CONFIG, SweepError, override_args, resolve_config
 
 RESULT_FILE = "result.json"
 TASK_FILE = "task.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from btlm_jax.experiments.grid import LOG_FILE, TASK_FILE, Task, check_unique
-from btlm_jax.experiments.overrides import ROOT, SweepError, load_config
+from btlm_jax.cli.overrides import ROOT, SweepError, load_config
 
 
 def write_json(path: Path, obj: Any) -> None:

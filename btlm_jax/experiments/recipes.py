@@ -82,7 +82,7 @@ def run_overrides(*, steps: int, batch: int, seq_len: int = SEQ_LEN, evals: int 
 
 def build(overrides: Mapping[str, Any], base: str = BASE_CONFIG):
     """``base`` (FILE:PRESET) with ``overrides`` set, through main's config parser."""
-    from btlm_jax.experiments.overrides import load_config
+    from btlm_jax.cli.overrides import load_config
 
     return load_config(base, overrides)
 

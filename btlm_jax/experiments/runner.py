@@ -7,8 +7,11 @@ An experiment is a config file ``configs/experiments/NAME.py`` holding
   settings; ``arg`` is ``scale=S``, ``smoke``, ...), so one cell of the sweep is the plain command
   ``python -m btlm_jax.main --config=configs/experiments/NAME.py:ARG --config.KEY=VALUE ...``;
 - ``get_sweep(args)``: the grid, ``{"config_arg", "axes": {name: {label: overrides}}, "fixed",
-  "meta_keys", "post", "post_args", "prepare", "prepare_args", "info"}`` (all but ``axes``
-  optional; ``prepare(args, out, data, **prepare_args)`` may add axes and info, e.g. corpora);
+  "meta_keys", "post", "post_args", "prepare", "prepare_args", "info", "extend"}`` (all but
+  ``axes`` optional; ``prepare(args, out, data, **prepare_args)`` may add axes and info, e.g.
+  corpora; ``extend``: ``{"axis", "key", "over", "factor", "rounds"}`` extends an LR axis where
+  a group's optimum (the mean over the ``over`` axes, e.g. seeds) lies on the grid's edge:
+  :func:`extend_tasks`);
 - ``ANALYSIS``: the module whose ``analyze(results, info, out)`` returns (summary, figures,
   report) (``experiments/NAME.py``, also what ``notebooks/repro_NAME.ipynb`` import);
 - optionally ``add_options(parser)`` for the experiment's own command-line options.
@@ -31,7 +34,7 @@ from typing import Any, Callable, Sequence
 from btlm_jax.experiments import data as exp_data
 from btlm_jax.experiments.grid import Task, expand_axes, run_name
 from btlm_jax.experiments.local import gather, run_local
-from btlm_jax.experiments.overrides import (ROOT, SweepError, get_value, load_config,
+from btlm_jax.cli.overrides import (ROOT, SweepError, get_value, load_config,
                                             split_override_args)
 
 
@@ -190,9 +193,80 @@ def plan(spec, args, cli_overrides: dict | None = None) -> tuple[list[Task], dic
         extra = _hook(sweep["prepare"])(args, out, data, **sweep.get("prepare_args", {}))
         axes, info = {**extra.get("axes", {}), **axes}, {**info, **extra.get("info", {})}
     tasks = make_tasks(config, base, axes, fixed, sweep, out)
+    _PLANS[id(tasks)] = (config, base, axes, fixed, sweep, out)
     info = {"experiment": spec.NAME, "data": data["name"], "scale": args.scale,
             "config": config, **info, "smoke": bool(args.smoke)}
     return tasks, info
+
+
+_PLANS: dict[int, tuple] = {}
+
+
+def _final_loss(r: dict) -> float:
+    v = r.get("final", {}).get("eval_loss") if r.get("status") == "ok" else None
+    return float(v) if v is not None and v == v else float("inf")
+
+
+def extend_tasks(tasks: Sequence[Task], results: Sequence[dict], axes: dict, ext: dict,
+                 make: Callable[[dict], list[Task]]) -> list[Task]:
+    """New tasks for the groups whose loss-vs-LR curve (mean over the ``ext["over"]`` axes) has
+    its minimum on an edge of the ``ext["axis"]`` values run so far: one more LR, a factor
+    ``ext["factor"]`` beyond that edge, for every value of the ``over`` axes. ``make(axes)``
+    turns a restricted grid into tasks."""
+    from btlm_jax.experiments.stats import edge_extensions
+
+    lr_axis, over = ext["axis"], set(ext.get("over", ()))
+    groups = [a for a in axes if a != lr_axis and a not in over]
+    by_name = {r["name"]: r for r in results}
+    losses: dict[tuple, dict[float, list[float]]] = {}
+    for t in tasks:
+        g = tuple(t.meta[a] for a in groups)
+        loss = _final_loss(by_name[t.name]) if t.name in by_name else float("nan")
+        losses.setdefault(g, {}).setdefault(float(t.meta[lr_axis]), []).append(loss)
+    curves = {g: {lr: (sum(v) / len(v) if all(x == x for x in v) else float("nan"))
+                  for lr, v in c.items()} for g, c in losses.items()}
+    # a group with a missing run (failed, or not run yet) is not extended
+    curves = {g: c for g, c in curves.items() if all(v == v for v in c.values())}
+    names = {t.name for t in tasks}
+    new: list[Task] = []
+    for g, lrs in edge_extensions(curves, float(ext.get("factor", 2.0))).items():
+        sub = {}
+        for a, cases in axes.items():
+            if a == lr_axis:
+                sub[a] = {lr: {ext["key"]: lr} for lr in lrs}
+            elif a in over:
+                sub[a] = cases
+            else:
+                sub[a] = {g[groups.index(a)]: cases[g[groups.index(a)]]}
+        new.extend(t for t in make(sub) if t.name not in names)
+    return new
+
+
+def run_extended(tasks: list[Task], out: Path, args, name: str,
+                 launch_fn: Callable | None = None) -> tuple[list[Task], list[dict], bool]:
+    """Launches ``tasks``; with the sweep's ``extend`` rule, then reruns with the extra LRs
+    where an optimum landed on the grid's edge, up to ``rounds`` times. Returns (all tasks,
+    results, complete?)."""
+    launch_fn = launch_fn or launch
+    ctx = _PLANS.get(id(tasks))
+    results, complete = launch_fn(tasks, out, args, job_name=name)
+    if ctx is None or not ctx[4].get("extend") or not complete:
+        return tasks, results, complete
+    config, base, axes, fixed, sweep, out_dir = ctx
+    ext = sweep["extend"]
+    tasks = list(tasks)
+    for rnd in range(int(ext.get("rounds", 3))):
+        new = extend_tasks(tasks, results, axes, ext,
+                           lambda sub: make_tasks(config, base, sub, fixed, sweep, out_dir))
+        if not new:
+            break
+        log(f"[{name}] optimum on the LR grid's edge: round {rnd + 1} adds {len(new)} run(s) "
+            f"(LRs {sorted({t.meta[ext['axis']] for t in new})})")
+        tasks.extend(new)
+        results, complete = launch_fn(tasks, out, args, job_name=name)
+        if not complete:
+            break
+    return tasks, results, complete
 
 
 def _analyze(spec, results: list[dict], info: dict, out: Path) -> None:
@@ -214,7 +288,7 @@ def main(name: str, argv: Sequence[str] | None = None) -> int:
         tasks, info = plan(spec, args, split_override_args(rest))
         log(f"[{name}] {len(tasks)} runs ({info.get('headline', '')}); data: {info['data']}; "
             f"out: {out}")
-        results, complete = launch(tasks, out, args, job_name=name)
+        tasks, results, complete = run_extended(tasks, out, args, name)
     except (exp_data.ExperimentError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

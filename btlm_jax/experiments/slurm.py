@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from btlm_jax.experiments.grid import Task, check_unique, write_tasks
-from btlm_jax.experiments.overrides import SweepError
+from btlm_jax.cli.overrides import SweepError
 
 try:  # optional: the `slurm` extra
     import submitit

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
+from btlm_jax import errors
 from absl import app, flags
 
 _MODEL = flags.DEFINE_string("model", None, "Run directory or Hugging Face folder.")
@@ -75,7 +76,8 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["model", "tasks"])
-    app.run(main)
+    with errors.cli():  # overrides parsed inside app.run (with --config=...) fail as one line
+        app.run(main)
 
 
 if __name__ == "__main__":
