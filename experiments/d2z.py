@@ -33,9 +33,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from btlm_jax.experiments import recipes, runner
+from btlm_jax.experiments import recipes, runner, stats
 from btlm_jax.experiments.data import write_jsonl
-from btlm_jax.experiments.overrides import load_config
+from btlm_jax.cli.overrides import load_config
 
 SCHEDULES = ("d2z", "linear_10x", "cosine_10x", "wsd", "constant")
 COLORS = {"d2z": "C3", "linear_10x": "C0", "cosine_10x": "C2", "wsd": "C1", "constant": "C7"}
@@ -52,40 +52,95 @@ def _loss(r: dict) -> float:
     return float(v) if v is not None and math.isfinite(v) else math.inf
 
 
-def summarize(results: Sequence[dict]) -> dict:
-    """Best LR and loss per (tpp, schedule); D2Z's rank and margins per tpp; whether the claim
-    held (D2Z lowest at every size and its margin over linear_10x growing with tpp)."""
-    tpps = sorted({r["meta"]["tpp"] for r in results})
+def loss_table(results: Sequence[dict]) -> dict:
+    """{tpp: {schedule: {peak_lr: {seed: loss}}}} (a diverged run: inf)."""
+    t: dict = {}
+    for r in results:
+        m = r["meta"]
+        t.setdefault(m["tpp"], {}).setdefault(m["schedule"], {}).setdefault(
+            m["peak_lr"], {})[m.get("seed", 0)] = _loss(r)
+    return t
+
+
+def best_of(curve: dict) -> dict:
+    """A schedule's best peak LR at one TPP: the argmin of the seed-mean loss over the LRs run
+    with every seed; the per-seed losses there, their mean +- standard error, and whether the
+    optimum is on the grid's edge."""
+    seeds = sorted(set.intersection(*(set(v) for v in curve.values())))
+    lrs = sorted(curve)
+    mean = {lr: sum(curve[lr][s] for s in seeds) / len(seeds) for lr in lrs}
+    lr = min(lrs, key=lambda x: mean[x])
+    per_seed = {s: curve[lr][s] for s in seeds}
+    return {"peak_lr": lr, "seeds": seeds, "per_seed": per_seed,
+            **stats.mean_se(list(per_seed.values())),
+            "at_edge": "low" if lr == lrs[0] else "high" if lr == lrs[-1] else None,
+            "curve": {str(x): mean[x] for x in lrs}}
+
+
+def _paired(best: dict, other: str, ref: str = "d2z", conf: float = stats.CONF) -> dict:
+    """Per-seed ``other - ref`` at each one's best LR (positive: ``ref`` lower), t-interval."""
+    seeds = sorted(set(best[other]["per_seed"]) & set(best[ref]["per_seed"]))
+    a = [best[other]["per_seed"][s] for s in seeds]
+    b = [best[ref]["per_seed"][s] for s in seeds]
+    out = stats.paired_interval(a, b, conf)
+    base = best[other]["mean"]
+    return {**out, "pct": 100 * out["mean"] / base, "lo_pct": 100 * out["lo"] / base,
+            "hi_pct": 100 * out["hi"] / base, "per_seed": dict(zip(map(str, seeds),
+                                                                    (x - y for x, y in zip(a, b))))}
+
+
+def summarize(results: Sequence[dict], conf: float = stats.CONF) -> dict:
+    """Per TPP: each schedule's best-LR loss (mean +- s.e. over seeds), D2Z's margin over every
+    other schedule (t-interval of per-seed paired differences) and the verdict "D2Z lowest";
+    across TPP: the slope of the margin over linear_10x against ln(TPP) with its interval, and
+    the TPP at which linear_10x reaches D2Z's loss (interpolated in log TPP)."""
+    table = loss_table(results)
+    tpps = sorted(table)
     per = {}
     for tpp in tpps:
-        best = {}
-        for r in results:
-            m = r["meta"]
-            if m["tpp"] != tpp:
-                continue
-            cur = best.get(m["schedule"])
-            if cur is None or _loss(r) < cur["eval_loss"]:
-                best[m["schedule"]] = {"peak_lr": m["peak_lr"], "eval_loss": _loss(r),
-                                       "steps": m["steps"]}
-        ranking = sorted(best, key=lambda s: best[s]["eval_loss"])
-        entry = {"best": best, "ranking": ranking}
+        best = {s: best_of(c) for s, c in table[tpp].items()}
+        ranking = sorted(best, key=lambda s: best[s]["mean"])
+        entry = {"best": best, "ranking": ranking, "margins": {}}
         if "d2z" in best:
-            others = [best[s]["eval_loss"] for s in best if s != "d2z"]
-            d = best["d2z"]["eval_loss"]
-            if others:
-                entry["margin_vs_best_other"] = min(others) - d
-                entry["margin_vs_best_other_pct"] = 100 * (min(others) - d) / min(others)
-            if "linear_10x" in best:
-                l10 = best["linear_10x"]["eval_loss"]
-                entry["margin_vs_linear_10x"] = l10 - d
-                entry["margin_vs_linear_10x_pct"] = 100 * (l10 - d) / l10
+            entry["margins"] = {o: _paired(best, o, conf=conf) for o in best if o != "d2z"}
+            vs = [stats.verdict(m["lo"], m["hi"]) for m in entry["margins"].values()]
+            entry["d2z_lowest"] = ("does not hold" if "does not hold" in vs else "holds"
+                                   if vs and all(v == "holds" for v in vs) else "inconclusive")
         per[str(tpp)] = entry
-    d2z_lowest = all(e["ranking"][:1] == ["d2z"] for e in per.values()) and bool(per)
-    margins = [per[str(t)].get("margin_vs_linear_10x") for t in tpps]
-    grows = (len(margins) >= 2 and None not in margins
-             and all(b > a for a, b in zip(margins, margins[1:])))
-    return {"tpp": tpps, "per_tpp": per, "d2z_lowest_at_every_size": d2z_lowest,
-            "margin_vs_linear_10x_grows": grows, "claim_held": bool(d2z_lowest and grows)}
+    out = {"tpp": tpps, "conf": conf, "per_tpp": per}
+    xs, ys = [], []
+    for tpp in tpps:
+        m = per[str(tpp)]["margins"].get("linear_10x")
+        if m:
+            xs += [math.log(tpp)] * len(m["per_seed"])
+            ys += list(m["per_seed"].values())
+    slope = stats.slope_interval(xs, ys, conf)
+    out["margin_slope_vs_ln_tpp"] = slope
+    out["margin_grows"] = stats.verdict(slope["lo"], slope["hi"])
+    saved = {}
+    lin = [(t, per[str(t)]["best"]["linear_10x"]["mean"]) for t in tpps
+           if "linear_10x" in per[str(t)]["best"]]
+    for tpp in tpps:
+        d = per[str(tpp)]["best"].get("d2z")
+        if d and len(lin) >= 2:
+            c = stats.crossing_log_x([t for t, _ in lin], [v for _, v in lin], d["mean"])
+            saved[str(tpp)] = {**c, "ratio": c["x"] / tpp if c["x"] else None}
+    out["compute_saved"] = saved
+    verdicts = [per[str(t)].get("d2z_lowest", "inconclusive") for t in tpps]
+    out["d2z_lowest_at_every_size"] = ("holds" if verdicts and all(v == "holds" for v in verdicts)
+                                       else "does not hold" if "does not hold" in verdicts
+                                       else "inconclusive")
+    out["claim"] = ("holds" if out["d2z_lowest_at_every_size"] == "holds"
+                    and out["margin_grows"] == "holds" else
+                    "does not hold" if "does not hold" in (out["d2z_lowest_at_every_size"],
+                                                           out["margin_grows"])
+                    else "inconclusive")
+    out["edge_optima"] = [f"{t:g} TPP {s}: {b['at_edge']}" for t in tpps
+                          for s, b in per[str(t)]["best"].items() if b["at_edge"]]
+    if out["edge_optima"] and out["claim"] == "holds":  # an edge optimum bounds, not locates
+        out["claim"] = "inconclusive"
+    out["claim_held"] = out["claim"] == "holds"
+    return out
 
 
 def ct_curves(results: Sequence[dict], summary: dict, max_points: int = 2000) -> list[dict]:
@@ -100,7 +155,7 @@ def ct_curves(results: Sequence[dict], summary: dict, max_points: int = 2000) ->
     curves = []
     for sched, b in best.items():
         r = next(r for r in results if r["meta"]["tpp"] == tpp and r["meta"]["schedule"] == sched
-                 and r["meta"]["peak_lr"] == b["peak_lr"])
+                 and r["meta"]["peak_lr"] == b["peak_lr"] and r.get("status") == "ok")
         cfg = load_config(recipes.BASE_CONFIG, {k: v for k, v in r["overrides"].items()
                                                 if k.startswith("optim.")})
         steps = int(r["steps"])
@@ -117,29 +172,66 @@ def ct_curves(results: Sequence[dict], summary: dict, max_points: int = 2000) ->
 
 def plot(results: Sequence[dict], summary: dict, curves: Sequence[dict], fig_dir: Path,
          prefix: str = "d2z") -> list[str]:
-    plt = recipes.pyplot()
+    import numpy as np
 
+    plt = recipes.pyplot()
+    table = loss_table(results)
     tpps = summary["tpp"]
-    fig, axes = plt.subplots(1, len(tpps), figsize=(4.6 * len(tpps), 3.8), squeeze=False,
-                             sharey=False)
+    fig, axes = plt.subplots(1, len(tpps), figsize=(4.6 * len(tpps), 3.8), squeeze=False)
     for ax, tpp in zip(axes[0], tpps):
         for sched in SCHEDULES:
-            pts = sorted((r["meta"]["peak_lr"], _loss(r)) for r in results
-                         if r["meta"]["tpp"] == tpp and r["meta"]["schedule"] == sched)
-            pts = [(x, y) for x, y in pts if math.isfinite(y)]
+            c = table[tpp].get(sched)
+            if not c:
+                continue
+            lrs = sorted(c)
+            ms = [stats.mean_se([v for v in c[lr].values() if math.isfinite(v)]) for lr in lrs]
+            pts = [(lr, m["mean"], m["se"] if m["n"] > 1 else 0.0)
+                   for lr, m in zip(lrs, ms) if m["n"] and math.isfinite(m["mean"])]
             if pts:
-                ax.plot(*zip(*pts), "o-", color=COLORS[sched], label=sched, ms=4,
-                        lw=2.2 if sched == "d2z" else 1.3)
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, fmt="o-", color=COLORS[sched], label=sched, ms=4,
+                            capsize=2, lw=2.2 if sched == "d2z" else 1.3)
         ax.set_xscale("log")
-        grid = sorted({r["meta"]["peak_lr"] for r in results if r["meta"]["tpp"] == tpp})
-        ax.set_xticks(grid, [f"{x:g}" for x in grid])
+        grid = sorted({lr for c in table[tpp].values() for lr in c})
+        ax.set_xticks(grid, [f"{x:g}" for x in grid], rotation=45)
         ax.minorticks_off()
         recipes.finish_axes(ax, "peak learning rate", title=f"{tpp:g} tokens / parameter",
                             legend=False)
-    axes[0][0].set_ylabel("validation loss")
+    axes[0][0].set_ylabel("validation loss (mean +- s.e. over seeds)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Validation loss vs peak LR, one line per schedule")
     paths = [recipes.save_figure(fig, fig_dir, f"{prefix}_loss_vs_lr.png")]
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for sched in SCHEDULES:
+        pts = [(t, summary["per_tpp"][str(t)]["best"][sched]) for t in tpps
+               if sched in summary["per_tpp"][str(t)]["best"]]
+        if pts:
+            a1.errorbar([t for t, _ in pts], [b["mean"] for _, b in pts],
+                        yerr=[b["se"] if b["n"] > 1 else 0.0 for _, b in pts], fmt="o-",
+                        color=COLORS[sched], label=sched, capsize=3, ms=4)
+    a1.set_xscale("log")
+    recipes.finish_axes(a1, "tokens per parameter", "best-LR validation loss",
+                        "each schedule at its best LR (+- s.e.)")
+    for i, other in enumerate(("linear_10x", "cosine_10x", "wsd", "constant")):
+        pts = [(t, summary["per_tpp"][str(t)]["margins"][other]) for t in tpps
+               if other in summary["per_tpp"][str(t)]["margins"]]
+        pts = [(t, m) for t, m in pts if math.isfinite(m["lo"])]
+        if pts:
+            x = np.array([t for t, _ in pts]) * (1 + 0.04 * (i - 1.5))
+            y = np.array([m["mean"] for _, m in pts])
+            a2.errorbar(x, y, yerr=[y - [m["lo"] for _, m in pts], [m["hi"] for _, m in pts] - y],
+                        fmt="o", color=COLORS[other], label=f"{other} - d2z", capsize=3)
+    sl = summary["margin_slope_vs_ln_tpp"]
+    if math.isfinite(sl["slope"]):
+        xx = np.exp(np.linspace(math.log(tpps[0]), math.log(tpps[-1]), 50))
+        a2.plot(xx, sl["intercept"] + sl["slope"] * np.log(xx), color=COLORS["linear_10x"],
+                lw=1, ls="--", label=f"fit: slope {sl['slope']:+.4f} per ln TPP")
+    a2.axhline(0, color="k", lw=0.8)
+    a2.set_xscale("log")
+    recipes.finish_axes(a2, "tokens per parameter", "loss(other) - loss(d2z)",
+                        f"D2Z margin, {100 * summary['conf']:.0f}% t-intervals over seeds")
+    paths.append(recipes.save_figure(fig, fig_dir, f"{prefix}_margin_vs_tpp.png"))
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for c in curves:
@@ -158,21 +250,37 @@ def plot(results: Sequence[dict], summary: dict, curves: Sequence[dict], fig_dir
 
 
 def report(summary: dict) -> str:
+    pc = f"{100 * summary['conf']:.0f}%"
     lines = []
     for tpp in summary["tpp"]:
         e = summary["per_tpp"][str(tpp)]
-        lines.append(f"{tpp:g} tokens/parameter (ranking at each schedule's best LR):")
+        lines.append(f"{tpp:g} tokens/parameter (best LR of the seed-mean curve; loss mean +- "
+                     "s.e. over seeds):")
         for s in e["ranking"]:
             b = e["best"][s]
-            lines.append(f"  {s:<11} best peak LR {b['peak_lr']:<8.3g} val loss {b['eval_loss']:.4f}")
-        if "margin_vs_linear_10x_pct" in e:
-            lines.append(f"  D2Z margin over linear_10x: {e['margin_vs_linear_10x']:+.4f} "
-                         f"({e['margin_vs_linear_10x_pct']:+.2f}%); over the best other: "
-                         f"{e.get('margin_vs_best_other', float('nan')):+.4f}")
-    return recipes.verdict(lines, f"D2Z lowest at every size: "
-                           f"{summary['d2z_lowest_at_every_size']}; margin over linear_10x grows "
-                           f"with TPP: {summary['margin_vs_linear_10x_grows']}; claim held",
-                           summary["claim_held"])
+            edge = f"  [optimum on the grid's {b['at_edge']} edge]" if b["at_edge"] else ""
+            lines.append(f"  {s:<11} peak LR {b['peak_lr']:<8.3g} val loss {b['mean']:.4f} +- "
+                         f"{b['se']:.4f} (n={b['n']}){edge}")
+        for o, m in e["margins"].items():
+            lines.append(f"  D2Z margin over {o:<10}: {m['mean']:+.4f} ({m['pct']:+.2f}%), {pc} CI "
+                         f"[{m['lo']:+.4f}, {m['hi']:+.4f}] -> D2Z lower: "
+                         f"{stats.verdict(m['lo'], m['hi'])}")
+        if "d2z_lowest" in e:
+            lines.append(f"  D2Z lowest of all schedules at {tpp:g} TPP: {e['d2z_lowest']}")
+    sl = summary["margin_slope_vs_ln_tpp"]
+    lines.append(f"margin over linear_10x vs ln(TPP): slope {sl['slope']:+.5f} per e-fold, {pc} CI "
+                 f"[{sl['lo']:+.5f}, {sl['hi']:+.5f}] (n={sl['n']}) -> margin grows with TPP: "
+                 f"{summary['margin_grows']}")
+    for tpp, c in summary["compute_saved"].items():
+        if c["x"]:
+            lines.append(f"  linear_10x reaches D2Z's {float(tpp):g}-TPP loss at {c['x']:.3g} TPP "
+                         f"({c['ratio']:.2f}x the data{', extrapolated' if c['extrapolated'] else ''})")
+    if summary["edge_optima"]:
+        lines.append("optimum still on the LR grid's edge (extend with --lrs or --extend-rounds): "
+                     + "; ".join(summary["edge_optima"]))
+    lines.append(f"D2Z lowest at every size: {summary['d2z_lowest_at_every_size']}")
+    return recipes.verdict(lines, "claim (D2Z lowest at every TPP and its margin grows with TPP)",
+                           summary["claim"])
 
 
 def analyze(results: Sequence[dict], info: dict, out: Path) -> tuple[dict, list[str], str]:

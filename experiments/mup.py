@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from btlm_jax.experiments import recipes, runner
+from btlm_jax.experiments import recipes, runner, stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -35,90 +35,182 @@ def _loss(r: dict) -> float:
 
 
 def best_lr(points: Sequence[tuple[float, float]]) -> dict:
-    """Grid argmin, and the vertex of a parabola in log2(LR) through it and its neighbours
-    (clipped to the grid; the grid point itself at an edge or when the fit is not convex)."""
-    pts = sorted((lr, l) for lr, l in points)
-    finite = [(lr, l) for lr, l in pts if math.isfinite(l)]
-    if not finite:
-        return {"grid": None, "fit": None, "loss": math.inf, "at_edge": True}
-    i = min(range(len(pts)), key=lambda k: pts[k][1])
-    lr, loss = pts[i]
-    fit = lr
-    if 0 < i < len(pts) - 1 and all(math.isfinite(pts[k][1]) for k in (i - 1, i + 1)):
-        x = [math.log2(pts[k][0]) for k in (i - 1, i, i + 1)]
-        y = [pts[k][1] for k in (i - 1, i, i + 1)]
-        den = (x[0] - x[1]) * (x[0] - x[2]) * (x[1] - x[2])
-        a = (x[2] * (y[1] - y[0]) + x[1] * (y[0] - y[2]) + x[0] * (y[2] - y[1])) / den
-        b = (x[2] ** 2 * (y[0] - y[1]) + x[1] ** 2 * (y[2] - y[0]) + x[0] ** 2 * (y[1] - y[2])) / den
-        if a > 0:
-            fit = 2 ** min(max(-b / (2 * a), x[0]), x[2])
-    return {"grid": lr, "fit": fit, "loss": loss, "at_edge": i in (0, len(pts) - 1)}
+    """Grid argmin and the vertex of a parabola in log2(LR) through it and up to two neighbours
+    each side (:func:`btlm_jax.experiments.stats.curve_optimum`)."""
+    lrs, losses = zip(*points) if points else ((), ())
+    return stats.curve_optimum(lrs, losses)
 
 
-def summarize(results: Sequence[dict]) -> dict:
-    out = {}
+def loss_table(results: Sequence[dict]) -> dict:
+    """{param: {width: {peak_lr: {seed: loss}}}} (diverged: inf)."""
+    t: dict = {}
+    for r in results:
+        m = r["meta"]
+        t.setdefault(m["param"], {}).setdefault(m["width"], {}).setdefault(
+            m["peak_lr"], {})[m.get("seed", 0)] = _loss(r)
+    return t
+
+
+def _optimum(curve: dict, seeds: Sequence) -> dict:
+    """Optimum of the mean over ``seeds`` (a list, repeats allowed: a bootstrap resample)."""
+    lrs = sorted(curve)
+    mean = [sum(curve[lr][s] for s in seeds) / len(seeds) for lr in lrs]
+    return stats.curve_optimum(lrs, mean)
+
+
+def summarize(results: Sequence[dict], conf: float = stats.CONF, reps: int = 1000,
+              tol: float = 0.25) -> dict:
+    """Per parametrisation and width: the optimum LR (parabola vertex in log2 LR of the seed-mean
+    curve) with a bootstrap interval over seeds and the fit's own standard error; the drift
+    (slope of log2 best LR against log2 width: doublings of the LR per doubling of the width)
+    with a bootstrap interval (the same seed resample at every width) and the OLS t-interval.
+    Verdicts: SP drifts (slope interval below 0), muP stays put (interval within +-``tol``),
+    muP drifts less than SP (interval of |SP slope| - |muP slope| above 0)."""
+    import numpy as np
+
+    table = loss_table(results)
+    out: dict = {"conf": conf, "tolerance": tol}
+    boot_slopes: dict = {}
     for param in ("mup", "sp"):
-        rs = [r for r in results if r["meta"]["param"] == param]
-        widths = sorted({r["meta"]["width"] for r in rs})
+        if param not in table:
+            continue
+        widths = sorted(table[param])
+        seeds = sorted(set.intersection(*(set(v) for w in widths
+                                          for v in table[param][w].values())))
         best = {}
         for w in widths:
-            best[str(w)] = best_lr([(r["meta"]["peak_lr"], _loss(r)) for r in rs
-                                    if r["meta"]["width"] == w])
-        drift = None
-        if len(widths) >= 2 and all(best[str(w)]["fit"] for w in widths):
-            lo, hi = best[str(widths[0])]["fit"], best[str(widths[-1])]["fit"]
-            drift = math.log2(hi / lo)  # doublings of the best LR from narrowest to widest
-        spread = None
-        if widths and all(best[str(w)]["fit"] for w in widths):
-            logs = [math.log2(best[str(w)]["fit"]) for w in widths]
-            spread = max(logs) - min(logs)
-        out[param] = {"widths": widths, "best": best, "drift_log2": drift, "spread_log2": spread}
-    m, s = out.get("mup", {}), out.get("sp", {})
-    held = (m.get("spread_log2") is not None and s.get("spread_log2") is not None
-            and m["spread_log2"] <= 1.0 and s["spread_log2"] > m["spread_log2"])
-    out["claim_held"] = bool(held)
+            b = _optimum(table[param][w], seeds)
+            bs = stats.bootstrap(len(seeds), lambda idx, w=w: _optimum(
+                table[param][w], [seeds[i] for i in idx])["log2_fit"], reps=reps, conf=conf)
+            best[str(w)] = {**b, "boot_lo_log2": bs["lo"], "boot_hi_log2": bs["hi"]}
+        x = [math.log2(w) for w in widths]
+        y = [best[str(w)]["log2_fit"] for w in widths]
+        ols = stats.slope_interval(x, y, conf)
+
+        def slope_of(idx, param=param, widths=widths, seeds=seeds):
+            ys = [_optimum(table[param][w], [seeds[i] for i in idx])["log2_fit"] for w in widths]
+            return stats.slope_interval([math.log2(w) for w in widths], ys)["slope"]
+
+        rng = np.random.default_rng(0)
+        idxs = [rng.integers(0, len(seeds), len(seeds)) for _ in range(reps)]
+        boot_slopes[param] = np.array([slope_of(i) for i in idxs])
+        q = (1 - conf) / 2
+        bsl = boot_slopes[param]
+        drift = {"slope": ols["slope"], "ols_lo": ols["lo"], "ols_hi": ols["hi"],
+                 "boot_lo": float(np.nanquantile(bsl, q)), "boot_hi": float(np.nanquantile(bsl, 1 - q))}
+        # the wider of the two intervals: seed noise (bootstrap) and lack of fit (OLS)
+        drift["lo"] = float(np.nanmin([drift["boot_lo"], drift["ols_lo"]]))
+        drift["hi"] = float(np.nanmax([drift["boot_hi"], drift["ols_hi"]]))
+        edges = [w for w in widths if best[str(w)]["at_edge"]]
+        out[param] = {"widths": widths, "seeds": seeds, "best": best, "drift": drift,
+                      "edge_widths": edges,
+                      "drift_log2": y[-1] - y[0] if len(y) > 1 else None,
+                      "spread_log2": max(y) - min(y) if y else None}
+    if "sp" in out:
+        d = out["sp"]["drift"]
+        out["sp_drifts"] = stats.verdict(d["lo"], d["hi"], positive=False)
+    if "mup" in out:
+        d = out["mup"]["drift"]
+        out["mup_stable"] = ("holds" if -tol < d["lo"] and d["hi"] < tol else "does not hold"
+                             if d["lo"] > tol or d["hi"] < -tol else "inconclusive")
+    if "mup" in boot_slopes and "sp" in boot_slopes:
+        diff = np.abs(boot_slopes["sp"]) - np.abs(boot_slopes["mup"])
+        q = (1 - conf) / 2
+        lo, hi = float(np.nanquantile(diff, q)), float(np.nanquantile(diff, 1 - q))
+        out["mup_drifts_less"] = {"lo": lo, "hi": hi, "verdict": stats.verdict(lo, hi)}
+    for param, key in (("sp", "sp_drifts"), ("mup", "mup_stable")):
+        if key in out and out[param]["edge_widths"]:  # an edge optimum bounds, not locates
+            out[key] = "inconclusive"
+    if "mup_drifts_less" in out and (out["mup"]["edge_widths"] or out["sp"]["edge_widths"]):
+        out["mup_drifts_less"]["verdict"] = "inconclusive"
+    parts = [out.get("mup_stable"), out.get("mup_drifts_less", {}).get("verdict")]
+    out["claim"] = ("holds" if parts == ["holds", "holds"] else "does not hold"
+                    if "does not hold" in parts else "inconclusive")
+    out["claim_held"] = out["claim"] == "holds"
     return out
 
 
 def plot(results: Sequence[dict], summary: dict, fig_dir: Path, prefix: str = "mup") -> list[str]:
-    plt = recipes.pyplot()
+    import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), sharey=True)
+    plt = recipes.pyplot()
+    table = loss_table(results)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
     for ax, param, title in zip(axes, ("sp", "mup"), ("standard parametrisation", "muP")):
-        widths = summary.get(param, {}).get("widths", [])
-        for i, w in enumerate(widths):
-            pts = sorted((r["meta"]["peak_lr"], _loss(r)) for r in results
-                         if r["meta"]["param"] == param and r["meta"]["width"] == w)
-            pts = [(x, y) for x, y in pts if math.isfinite(y)]
+        s = summary.get(param)
+        if not s:
+            continue
+        for i, w in enumerate(s["widths"]):
+            c = table[param][w]
+            lrs = sorted(c)
+            ms = [stats.mean_se([v for v in c[lr].values() if math.isfinite(v)]) for lr in lrs]
+            pts = [(lr, m["mean"], m["se"] if m["n"] > 1 else 0.0) for lr, m in zip(lrs, ms)
+                   if m["n"] and math.isfinite(m["mean"])]
             if pts:
-                ax.plot(*zip(*pts), "o-", color=f"C{i}", label=f"width {w}", ms=4)
-            b = summary[param]["best"][str(w)]
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, fmt="o-", color=f"C{i}", label=f"width {w}", ms=4,
+                            capsize=2)
+            b = s["best"][str(w)]
             if b["fit"]:
                 ax.axvline(b["fit"], color=f"C{i}", ls=":", lw=1)
         ax.set_xscale("log")
-        d = summary.get(param, {}).get("drift_log2")
-        recipes.finish_axes(ax, "peak learning rate", title=f"{title}" + (
-            f" (best-LR drift {d:+.2f} doublings)" if d is not None else ""))
-    axes[0].set_ylabel("validation loss")
+        d = s["drift"]
+        recipes.finish_axes(ax, "peak learning rate", "validation loss (mean +- s.e.)",
+                            f"{title}: drift {d['slope']:+.2f} doublings / width doubling")
+    ax = axes[2]
+    for k, (param, col) in enumerate((("sp", "C0"), ("mup", "C3"))):
+        s = summary.get(param)
+        if not s:
+            continue
+        w = np.array(s["widths"], float) * (1 + 0.03 * (k - 0.5))
+        y = np.array([s["best"][str(x)]["log2_fit"] for x in s["widths"]])
+        lo = np.array([s["best"][str(x)]["boot_lo_log2"] for x in s["widths"]])
+        hi = np.array([s["best"][str(x)]["boot_hi_log2"] for x in s["widths"]])
+        err = np.nan_to_num(np.stack([y - lo, hi - y]), nan=0.0).clip(min=0)
+        d = s["drift"]
+        ax.errorbar(w, y, yerr=err, fmt="o-", color=col, capsize=3,
+                    label=f"{param}: {d['slope']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]")
+    ax.set_xscale("log", base=2)
+    recipes.finish_axes(ax, "width", "log2 best peak LR (parabola fit)",
+                        f"best LR vs width, {100 * summary['conf']:.0f}% bootstrap over seeds")
     paths = [recipes.save_figure(fig, fig_dir, f"{prefix}_lr_transfer.png")]
     return paths
 
 
 def report(summary: dict) -> str:
+    pc = f"{100 * summary['conf']:.0f}%"
     lines = []
     for param in ("mup", "sp"):
         s = summary.get(param)
         if not s:
             continue
-        lines.append(f"{param}: " + "; ".join(
-            f"width {w}: best LR {s['best'][str(w)]['fit']:.3g} (grid {s['best'][str(w)]['grid']:.3g}, "
-            f"loss {s['best'][str(w)]['loss']:.4f})" for w in s["widths"]
-            if s["best"][str(w)]["fit"]))
-        if s["drift_log2"] is not None:
-            lines.append(f"  best-LR drift narrowest->widest {s['drift_log2']:+.2f} doublings, "
-                         f"spread {s['spread_log2']:.2f}")
-    return recipes.verdict(lines, "best LR stable under muP (spread <= 1 doubling) and less "
-                           "stable under SP", summary["claim_held"])
+        lines.append(f"{param} (seeds {s['seeds']}):")
+        for w in s["widths"]:
+            b = s["best"][str(w)]
+            edge = f" [optimum on the grid's {b['at_edge']} edge]" if b["at_edge"] else ""
+            lines.append(f"  width {w:>4}: best LR {b['fit']:.3g} (log2 {b['log2_fit']:+.2f}, {pc} "
+                         f"bootstrap [{b['boot_lo_log2']:+.2f}, {b['boot_hi_log2']:+.2f}], fit "
+                         f"s.e. {b['fit_se_log2']:.2f}; grid {b['grid']:.3g}, loss "
+                         f"{b['loss']:.4f}){edge}")
+        d = s["drift"]
+        lines.append(f"  drift: {d['slope']:+.3f} doublings of the best LR per width doubling, {pc} "
+                     f"interval [{d['lo']:+.3f}, {d['hi']:+.3f}] (bootstrap [{d['boot_lo']:+.3f}, "
+                     f"{d['boot_hi']:+.3f}], OLS [{d['ols_lo']:+.3f}, {d['ols_hi']:+.3f}])")
+    edges = [f"{p} width {w}" for p in ("mup", "sp") for w in summary.get(p, {}).get("edge_widths", [])]
+    if edges:
+        lines.append("optimum on the LR grid's edge (verdicts involving it: inconclusive; extend "
+                     "with --lrs or --extend-rounds): " + ", ".join(edges))
+    if "sp_drifts" in summary:
+        lines.append(f"SP's best LR falls with width: {summary['sp_drifts']}")
+    if "mup_stable" in summary:
+        lines.append(f"muP's best LR stays within +-{summary['tolerance']} doublings per width "
+                     f"doubling: {summary['mup_stable']}")
+    if "mup_drifts_less" in summary:
+        m = summary["mup_drifts_less"]
+        lines.append(f"muP drifts less than SP (|SP slope| - |muP slope| in [{m['lo']:+.3f}, "
+                     f"{m['hi']:+.3f}]): {m['verdict']}")
+    return recipes.verdict(lines, "claim (muP's best LR transfers across widths, better than SP's)",
+                           summary["claim"])
 
 
 def analyze(results: Sequence[dict], info: dict, out: Path) -> tuple[dict, list[str], str]:

@@ -4,16 +4,22 @@ parametrisation (SP).
 The model (``get_config``: the narrowest width under muP) and the grid (``get_sweep``) of
 ``python -m experiments.mup``. muP here is BTLM's: base width = the narrowest width, hidden-matrix
 init and LR scaled by 1/width multiplier; SP: init std 0.02, one LR. Default (scale 1): widths 64,
-128, 256 (2 layers, vocabulary 1024), 6 peak LRs from 1.25e-3 to 4e-2, 150 steps of 16 x 128
-tokens, D2Z schedule. ``--scale S`` multiplies the widths and the steps.
+128, 256, 512 (an 8x range) with 4 attention heads at every width (so the ALiBi slopes are the
+same model to model), 2 layers, vocabulary 1024, 6 peak LRs a factor 2 apart from 1.25e-3 to
+4e-2 (extended past an edge optimum, up to 2 times), seeds 0 and 1, 600 steps of 16 x 128 tokens
+with 60 warmup steps (10%), D2Z schedule. ``--scale S`` multiplies the widths and the steps.
 """
 
 from btlm_jax.experiments import recipes
+from btlm_jax.experiments.data import ExperimentError
 from btlm_jax.experiments.grid import axis
 
 NAME = "mup"
 ANALYSIS = "experiments.mup"
 DEFAULT_LRS = (1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2)
+DEFAULT_SEEDS = (0, 1)
+N_HEADS = 4  # fixed across widths: head_dim = width / 4
+EXTEND_ROUNDS = 2
 PARAMETRIZATIONS = {
     "mup": {"model.mup.enabled": True, "optim.mup_lr_scaling": True},
     "sp": {"model.mup.enabled": False, "model.init_std": recipes.SP_INIT_STD,
@@ -24,10 +30,10 @@ PARAMETRIZATIONS = {
 def sizes(scale: float, smoke: bool = False) -> dict:
     s = max(scale, 0.25)
     base = 16 * max(1, round(4 * s))
-    sz = {"widths": [base, 2 * base, 4 * base], "n_layers": 2, "vocab": 1024,
-          "steps": int(150 * s), "batch": 16, "eval_batch": 8, "eval_batches": 8}
+    sz = {"widths": [base, 2 * base, 4 * base, 8 * base], "n_layers": 2, "vocab": 1024,
+          "steps": int(600 * s), "batch": 16, "eval_batch": 8, "eval_batches": 16}
     if smoke:
-        sz.update(widths=[32], n_layers=1, steps=4, batch=4, eval_batch=4, eval_batches=1)
+        sz.update(widths=[16, 32], n_layers=1, steps=5, batch=4, eval_batch=4, eval_batches=1)
     return sz
 
 
@@ -37,27 +43,52 @@ def get_config(arg: str = ""):
     w0 = sz["widths"][0]
     return recipes.build({
         **recipes.model_overrides(w0, sz["n_layers"], sz["vocab"], mup=True, base_d_model=w0),
+        **width_overrides(w0),
         **recipes.run_overrides(steps=sz["steps"], batch=sz["batch"], evals=1,
                                 eval_batches=sz["eval_batches"], eval_batch=sz["eval_batch"]),
         "optim.peak_lr": DEFAULT_LRS[0]})
 
 
+def width_overrides(width: int) -> dict:
+    """The width keys with the head count fixed at :data:`N_HEADS` (head_dim = width / 4)."""
+    return recipes.width_overrides(width, head_dim=max(1, width // N_HEADS))
+
+
 def add_options(p) -> None:
     p.add_argument("--lrs", default="", help="peak LRs, comma separated")
+    p.add_argument("--seeds", default="", help="seeds, comma separated (default: 0,1)")
+    p.add_argument("--steps", type=int, default=0, help="training steps (default 600 x scale; "
+                   "warmup is 10%%)")
+    p.add_argument("--extend-rounds", type=int, default=EXTEND_ROUNDS,
+                   help="times an LR grid may be extended past an edge optimum (0: never)")
 
 
 def get_sweep(args) -> dict:
     sz = sizes(args.scale, args.smoke)
     lrs = recipes.numbers(args.lrs, "--lrs", DEFAULT_LRS)
     if args.smoke:
-        lrs = [1e-2]
+        lrs = [5e-3, 1e-2]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or list(DEFAULT_SEEDS)
+    except ValueError:
+        raise ExperimentError(f"--seeds={args.seeds!r}: expected integers, e.g. 0,1") from None
+    if args.steps < 0 or args.extend_rounds < 0:
+        raise ExperimentError("--steps and --extend-rounds must be >= 0")
+    steps = int(args.steps or sz["steps"])
     return {
         "config_arg": "smoke" if args.smoke else recipes.format_arg(scale=args.scale),
         "axes": {"param": PARAMETRIZATIONS,
-                 "width": {w: recipes.width_overrides(w) for w in sz["widths"]},
-                 "peak_lr": axis("optim.peak_lr", lrs)},
-        "meta_keys": {"steps": "train.steps"},
+                 "width": {w: width_overrides(w) for w in sz["widths"]},
+                 "peak_lr": axis("optim.peak_lr", lrs),
+                 "seed": axis("seed", seeds)},
+        "fixed": recipes.length_overrides(steps, evals=1),
+        "meta_keys": {"steps": "train.steps", "warmup": "optim.warmup_steps",
+                      "n_heads": "model.n_heads"},
+        "extend": {"axis": "peak_lr", "key": "optim.peak_lr", "over": ["seed"], "factor": 2.0,
+                   "rounds": min(1, args.extend_rounds) if args.smoke else args.extend_rounds},
         "info": {"widths": sz["widths"], "n_layers": sz["n_layers"], "vocab": sz["vocab"],
-                 "steps": sz["steps"], "lrs": lrs,
-                 "headline": f"widths {sz['widths']} x {len(lrs)} LRs x muP/SP"},
+                 "n_heads": N_HEADS, "steps": steps, "warmup_steps": max(1, steps // 10),
+                 "lrs": lrs, "seeds": seeds,
+                 "headline": f"widths {sz['widths']} x {len(lrs)} LRs x {len(seeds)} seeds x "
+                             f"muP/SP, {steps} steps"},
     }
