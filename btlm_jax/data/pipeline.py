@@ -171,7 +171,7 @@ def make_train_iterator(cfg, tokenizer, *, seq_len: int, batch_size: int, phase:
 
 
 def make_eval_batches(cfg, tokenizer, *, seq_len: int, batch_size: int,
-                      num_batches: int) -> list[dict[str, np.ndarray]]:
+                      num_batches: int, contiguous: bool = False) -> list[dict[str, np.ndarray]]:
     """Deterministic evaluation batches from ``data.eval`` (or the sample corpus' holdout).
 
     The rows are those of the eval corpus' packed store in order (documents in file order, each
@@ -179,6 +179,10 @@ def make_eval_batches(cfg, tokenizer, *, seq_len: int, batch_size: int,
     number of rows (per-source losses come from ``source_ids``); a source with fewer rows wraps
     around. Every process computes the same (whole) batches. Returns [] when there is no
     evaluation data (``data.eval`` unset while ``data.train`` is set).
+
+    ``contiguous``: only rows that lie inside one document (no end-of-document token among the
+    inputs after the first), so a long row never reads across into an unrelated text; an error
+    when no row of ``seq_len`` fits inside a document.
     """
     spec = eval_spec(cfg)
     if spec is None:
@@ -187,6 +191,12 @@ def make_eval_batches(cfg, tokenizer, *, seq_len: int, batch_size: int,
     st = open_store(cfg, tokenizer, spec, "data.eval", seq_len)
     names = source_names(cfg)
     srcs = [st.rows(s, names.index(s), seq_len) for s in st.source_names]
+    if contiguous:
+        srcs = [_ContiguousRows(r, tokenizer.eos_id) for r in srcs]
+        srcs = [r for r in srcs if len(r)]
+        if not srcs:
+            raise DataError(f"data.eval={spec!r}: no document is {seq_len} tokens long, so no "
+                            "evaluation row lies inside one document; give longer texts")
     total = batch_size * num_batches
     which = np.arange(total) % len(srcs)
     out = {f: np.empty((total, seq_len), np.float32 if f == "loss_mask" else np.int32)
@@ -198,6 +208,21 @@ def make_eval_batches(cfg, tokenizer, *, seq_len: int, batch_size: int,
             out[f][where] = got[f]
     return [{f: out[f][b * batch_size:(b + 1) * batch_size] for f in FIELDS}
             for b in range(num_batches)]
+
+
+class _ContiguousRows:
+    """The rows of ``rows`` that hold no end-of-document token after their first input."""
+
+    def __init__(self, rows, eos_id: int):
+        self.rows = rows
+        inputs = rows.take(np.arange(len(rows)))["inputs"] if len(rows) else np.zeros((0, 1))
+        self.keep = np.flatnonzero(~np.any(inputs[:, 1:] == eos_id, axis=1))
+
+    def __len__(self) -> int:
+        return int(self.keep.size)
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return self.rows.take(self.keep[np.asarray(idx)])
 
 
 # ----------------------------------------------------------------------------------------------
