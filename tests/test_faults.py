@@ -22,31 +22,16 @@ import pytest
 
 from btlm_jax import errors
 from btlm_jax.train.loop import train
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def small(cache_dir, **over):
-    from configs.btlm import get_config
-
-    c = get_config("tiny")
-    m = c.model
-    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 512, 32, 1, 2, 64
-    m.mup.base_d_model, m.mup.base_d_ff = 32, 64.0
-    c.data.cache_dir = str(cache_dir)
-    c.train.seq_len, c.train.batch_size = 32, 4
-    c.train.log_every_steps = 1
-    c.optim.peak_lr, c.optim.warmup_steps = 1e-2, 2
-    c.eval.num_batches, c.eval.batch_size, c.eval.every_steps = 1, 4, 1000
-    c.checkpoint.async_save = False
-    c.logging.progress_bar = c.logging.tensorboard = c.logging.measure_peak = False
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    base = {"train.log_every_steps": 1, "optim.warmup_steps": 2, "eval.num_batches": 1,
+            "eval.every_steps": 1000, "logging.measure_peak": False}
+    return helpers.small(cache_dir, d_model=32, n_layers=1, d_ff=64, seq_len=32,
+                         **{**base, **over})
 
 
 def cli_overrides(cache_dir, **over) -> list[str]:

@@ -162,26 +162,11 @@ def test_named_remat_policies_give_the_same_gradients(policy):
 
 
 def _tiny_cfg(cache_dir, **over):
-    from configs.btlm import get_config
+    from tests import helpers
 
-    c = get_config("tiny")
-    m = c.model
-    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 512, 64, 2, 2, 128
-    m.mup.base_d_model, m.mup.base_d_ff = 64, 128.0
-    c.data.cache_dir = str(cache_dir)
-    c.train.seq_len, c.train.batch_size, c.train.steps = 32, 2, 2
-    c.optim.warmup_steps = 1
-    c.eval.num_batches, c.eval.batch_size, c.eval.every_steps = 1, 2, 2
-    c.logging.progress_bar = False
-    c.logging.tensorboard = False
-    c.checkpoint.async_save = False
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    base = {"train.steps": 2, "optim.warmup_steps": 1, "eval.num_batches": 1,
+            "eval.every_steps": 2}
+    return helpers.small(cache_dir, seq_len=32, batch_size=2, **{**base, **over})
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

@@ -12,31 +12,13 @@ import pytest
 
 from btlm_jax.config import ConfigError
 from btlm_jax.train.loop import train
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def small(cache_dir, **over):
-    from configs.btlm import get_config
-
-    c = get_config("tiny")
-    m = c.model
-    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 512, 64, 2, 2, 128
-    m.mup.base_d_model, m.mup.base_d_ff = 64, 128.0
-    c.data.cache_dir = str(cache_dir)
-    c.train.seq_len, c.train.batch_size = 64, 4
-    c.optim.peak_lr, c.optim.warmup_steps = 1e-2, 5
-    c.eval.num_batches, c.eval.batch_size = 2, 4
-    c.logging.progress_bar = False
-    c.logging.tensorboard = False
-    c.checkpoint.async_save = False
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return helpers.small(cache_dir, **over)
 
 
 def overrides(cfg_over):

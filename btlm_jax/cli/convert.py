@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from btlm_jax import errors
+from btlm_jax.cli.common import run_app
 from btlm_jax.convert.workdir import export_checkpoint, import_checkpoint
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: Hugging Face checkpoint directory.")
@@ -51,8 +51,7 @@ def main(argv):
 
 
 def run():
-    with errors.cli():  # overrides parsed inside app.run (with --config=...) fail as one line
-        app.run(main)
+    run_app(main)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from btlm_jax import errors
+from btlm_jax.cli.common import run_app
 
 with errors.cli():  # a misspelt --config.KEY override fails here, while the flag is defined
     _CONFIG = config_flags.DEFINE_config_file("config", "configs/btlm.py:tiny", "Config file.")
@@ -63,8 +64,7 @@ def main(argv):
 
 
 def run():
-    with errors.cli():  # overrides parsed inside app.run (with --config=...) fail as one line
-        app.run(main)
+    run_app(main)
 
 
 if __name__ == "__main__":

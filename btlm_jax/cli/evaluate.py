@@ -17,9 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags
 
 from btlm_jax import errors
+from btlm_jax.cli.common import run_app, start
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _DATA = flags.DEFINE_string("data", "", "Evaluation data glob(s); default: the run's data.eval.")
@@ -53,17 +54,13 @@ def parse_lengths(spec: str, default: list[int]) -> list[int]:
 
 @errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    start(argv)
     import ml_collections
 
     from btlm_jax.eval.perplexity import Evaluator, train_length
     from btlm_jax.eval.plot import plot_filename, plot_loss_vs_position
     from btlm_jax.eval.session import load_run
-    from btlm_jax.parallel.distributed import maybe_initialize
 
-    logging.set_verbosity(logging.WARNING)
-    maybe_initialize()
     run = load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
     lt = train_length(run.cfg)
     lengths = parse_lengths(_LENGTHS.value, [lt, 2 * lt, 4 * lt])
@@ -120,9 +117,7 @@ def _read_only(path: Path) -> bool:
 
 
 def run():
-    flags.mark_flag_as_required("workdir")
-    with errors.cli():  # overrides parsed inside app.run (with --config=...) fail as one line
-        app.run(main)
+    run_app(main, "workdir")
 
 
 if __name__ == "__main__":

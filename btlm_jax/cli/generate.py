@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 
 from btlm_jax import errors
+from btlm_jax.cli.common import run_app, start
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat the flag for a batch.")
@@ -36,18 +37,14 @@ errors.define_verbose_flag()
 
 @errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    start(argv)
     import jax
 
     from btlm_jax.models import quant
     from btlm_jax.eval.perplexity import pi_scale, train_length
     from btlm_jax.eval.sampling import Generator, SamplingConfig
     from btlm_jax.eval.session import load_run
-    from btlm_jax.parallel.distributed import maybe_initialize
 
-    logging.set_verbosity(logging.WARNING)
-    maybe_initialize()
     prompts = list(_PROMPT.value)
     if _PROMPT_FILE.value:
         with open(_PROMPT_FILE.value, encoding="utf-8") as f:
@@ -99,9 +96,7 @@ def past_trained_length(total: int, trained: int, model_cfg, interpolate: bool) 
 
 
 def run():
-    flags.mark_flag_as_required("workdir")
-    with errors.cli():  # overrides parsed inside app.run (with --config=...) fail as one line
-        app.run(main)
+    run_app(main, "workdir")
 
 
 if __name__ == "__main__":

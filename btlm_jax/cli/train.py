@@ -8,9 +8,10 @@ latest checkpoint; SIGTERM saves a checkpoint and exits cleanly.
 from __future__ import annotations
 
 
-from absl import app, flags, logging
+from absl import flags
 
 from btlm_jax import errors
+from btlm_jax.cli.common import run_app, start
 from btlm_jax.cli.overrides import define_config_flag
 
 with errors.cli():  # a misspelt --config.KEY override fails here, while the flag is defined
@@ -22,13 +23,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 
 @errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from btlm_jax.parallel.distributed import maybe_initialize
+    start(argv)
     from btlm_jax.train.loop import train
 
-    logging.set_verbosity(logging.WARNING)  # Orbax/Grain INFO chatter drowns the progress bar
-    maybe_initialize()
     result = train(_CONFIG.value, _WORKDIR.value)
     keys = [k for k in ("step", "loss", "eval_loss", "tokens_per_sec") if k in result]
     print("done: " + ", ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float)
@@ -36,9 +33,7 @@ def main(argv):
 
 
 def run():
-    flags.mark_flag_as_required("workdir")
-    with errors.cli():  # overrides parsed inside app.run (with --config=...) fail as one line
-        app.run(main)
+    run_app(main, "workdir")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Parameters carry logical axis names (see :mod:`btlm_jax.models.btlm`); the confi
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax

@@ -23,7 +23,6 @@ import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 

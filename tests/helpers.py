@@ -1,0 +1,38 @@
+"""Config builders shared by the end-to-end tests (small models on the embedded corpus)."""
+
+from __future__ import annotations
+
+
+def set_keys(c, over: dict):
+    """Sets dotted keys (``{"train.steps": 5}``) on a ConfigDict; returns it."""
+    for k, v in over.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def preset(name: str = "tiny", **over):
+    """``configs/btlm.py:NAME`` with dotted overrides given as keyword arguments."""
+    from configs.btlm import get_config
+
+    return set_keys(get_config(name), over)
+
+
+def small(cache_dir, *, d_model=64, n_layers=2, n_heads=2, d_ff=128, seq_len=64, batch_size=4,
+          **over):
+    """A small BTLM (muP base = its own width, so the multipliers are 1) on the embedded corpus
+    cached in ``cache_dir``: synchronous checkpoints, no progress bar or TensorBoard."""
+    c = preset("tiny")
+    m = c.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 512, d_model, n_layers, n_heads, d_ff
+    m.mup.base_d_model, m.mup.base_d_ff = d_model, float(d_ff)
+    c.data.cache_dir = str(cache_dir)
+    c.train.seq_len, c.train.batch_size = seq_len, batch_size
+    c.optim.peak_lr, c.optim.warmup_steps = 1e-2, 5
+    c.eval.num_batches, c.eval.batch_size = 2, batch_size
+    c.checkpoint.async_save = False
+    c.logging.progress_bar = c.logging.tensorboard = False
+    return set_keys(c, over)
