@@ -224,6 +224,17 @@ def parse_phases(cfg: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
     return phases
 
 
+def phase_of(phases: list[tuple[int, int, int]], step: int) -> int:
+    """Index of the phase that the step with ``step`` completed steps belongs to (the last phase
+    for steps past the end)."""
+    end = 0
+    for i, (_, _, n) in enumerate(phases):
+        end += n
+        if step < end:
+            return i
+    return len(phases) - 1
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a config; raises ConfigError naming the offending key. Returns cfg."""
     for key in _POSITIVE_INTS:

@@ -33,28 +33,45 @@ CEREBRAS_GPT = {
 _CGPT_ALIASES = {"1.3b": "1p3b", "2.7b": "2p7b", "6.7b": "6p7b"}
 
 
-def _tiny(c):
+def _shape(c, vocab, d_model, n_layers, n_heads, d_ff, max_seq_len):
     m = c.model
-    m.vocab_size = 4096
-    m.d_model, m.n_layers, m.n_heads, m.d_ff = 256, 4, 4, 683
-    m.max_seq_len = 2048
-    c.optim.peak_lr = 6e-3
-    c.optim.warmup_steps = 20
-    c.optim.schedule = "d2z"
-    c.train.steps = 200
-    c.train.batch_size = 8
-    c.train.seq_len = 256
-    c.eval.every_steps = 50
+    m.vocab_size, m.max_seq_len = vocab, max_seq_len
+    m.d_model, m.n_layers, m.n_heads, m.d_ff = d_model, n_layers, n_heads, d_ff
+    return m
+
+
+def _schedule(c, peak_lr, warmup_steps, schedule, *, batch_size, seq_len, steps,
+              eval_every=None, checkpoint_every=None):
+    o = c.optim
+    o.peak_lr, o.warmup_steps, o.schedule = peak_lr, warmup_steps, schedule
+    t = c.train
+    t.batch_size, t.seq_len, t.steps = batch_size, seq_len, steps
+    if eval_every:
+        c.eval.every_steps = eval_every
+    if checkpoint_every:
+        c.checkpoint.every_steps = checkpoint_every
+    return o
+
+
+def _gpt3_style(c):
+    """Standard parametrisation, init std 0.02, bf16 compute (Cerebras-GPT, SlimPajama-DC)."""
+    m = c.model
+    m.mup.enabled = False
+    m.init_std = 0.02
+    m.dtype = "bfloat16"
+    c.optim.mup_lr_scaling = False
+
+
+def _tiny(c):
+    _shape(c, 4096, 256, 4, 4, 683, 2048)
+    _schedule(c, 6e-3, 20, "d2z", batch_size=8, seq_len=256, steps=200, eval_every=50,
+              checkpoint_every=50)
     c.eval.num_batches = 4
-    c.checkpoint.every_steps = 50
     return c
 
 
 def _btlm_3b_8k(c):
-    m = c.model
-    m.vocab_size = 50257
-    m.d_model, m.n_layers, m.n_heads, m.d_ff = 2560, 32, 32, 6826
-    m.max_seq_len = 8192
+    m = _shape(c, 50257, 2560, 32, 32, 6826, 8192)
     m.train_seq_len = 2048
     m.mup.base_d_model = 256
     m.mup.base_d_ff = 682.6666666666666
@@ -63,80 +80,41 @@ def _btlm_3b_8k(c):
     m.init_std = 0.073
     m.remat = "full"
     m.dtype = "bfloat16"
-    o = c.optim
-    o.peak_lr = 1.2e-2
-    o.warmup_steps = 95
-    o.schedule = "linear"
+    o = _schedule(c, 1.2e-2, 95, "linear", batch_size=1920, seq_len=2048,
+                  steps=119727 + 39909, eval_every=5000, checkpoint_every=1000)
     o.final_lr = 1.0e-4
     o.weight_decay = 0.1
     o.b1, o.b2, o.eps, o.grad_clip = 0.9, 0.95, 1e-8, 1.0
     c.train.phases = ("2048:1920:119727", "8192:480:39909")
-    c.train.steps = 119727 + 39909
-    c.train.batch_size = 1920
-    c.train.seq_len = 2048
-    c.eval.every_steps = 5000
-    c.checkpoint.every_steps = 1000
     c.mesh.data, c.mesh.fsdp = 1, -1
     return c
 
 
 def _cerebras_gpt(c, size):
     d, n_layers, n_heads, d_ff, lr, batch = CEREBRAS_GPT[size]
-    m = c.model
-    m.vocab_size = 50257
-    m.d_model, m.n_layers, m.n_heads, m.d_ff = d, n_layers, n_heads, d_ff
+    m = _shape(c, 50257, d, n_layers, n_heads, d_ff, 2048)
     m.position = "learned"
     m.activation = "gelu"
-    m.max_seq_len = 2048
-    m.mup.enabled = False
-    m.init_std = 0.02
-    m.dtype = "bfloat16"
-    o = c.optim
-    o.peak_lr = lr
-    o.warmup_steps = 375
-    o.schedule = "linear_10x"
+    _gpt3_style(c)
+    o = _schedule(c, lr, 375, "linear_10x", batch_size=batch, seq_len=2048, steps=100_000,
+                  eval_every=5000, checkpoint_every=1000)
     o.weight_decay = 0.1
     o.b1, o.b2, o.eps, o.grad_clip = 0.9, 0.95, 1e-8, 1.0
-    o.mup_lr_scaling = False
-    c.train.batch_size = batch
-    c.train.seq_len = 2048
-    c.train.steps = 100_000
-    c.eval.every_steps = 5000
-    c.checkpoint.every_steps = 1000
     return c
 
 
 def _slimpajama_dc_1p3b(c):
-    m = c.model
-    m.vocab_size = 50257
-    m.d_model, m.n_layers, m.n_heads, m.d_ff = 2048, 24, 16, 5461
-    m.max_seq_len = 2048
-    m.mup.enabled = False
-    m.init_std = 0.02
-    m.dtype = "bfloat16"
-    c.optim.peak_lr = 2.0e-4
-    c.optim.warmup_steps = 375
-    c.optim.schedule = "linear_10x"
-    c.optim.mup_lr_scaling = False
-    c.train.batch_size = 1024
-    c.train.seq_len = 2048
-    c.train.steps = 28_600  # ~60B tokens at 2M tokens per step
-    c.eval.every_steps = 2000
-    c.checkpoint.every_steps = 1000
+    _shape(c, 50257, 2048, 24, 16, 5461, 2048)
+    _gpt3_style(c)
+    # ~60B tokens at 2M tokens per step
+    _schedule(c, 2.0e-4, 375, "linear_10x", batch_size=1024, seq_len=2048, steps=28_600,
+              eval_every=2000, checkpoint_every=1000)
     return c
 
 
 def _bench(c):
-    m = c.model
-    m.vocab_size = 16384
-    m.d_model, m.n_layers, m.n_heads, m.d_ff = 1024, 4, 8, 2730
-    m.max_seq_len = 2048
-    c.optim.peak_lr = 6e-3
-    c.optim.warmup_steps = 10
-    c.optim.schedule = "d2z"
-    c.train.steps = 100
-    c.train.batch_size = 1
-    c.train.seq_len = 512
+    _shape(c, 16384, 1024, 4, 8, 2730, 2048)
+    _schedule(c, 6e-3, 10, "d2z", batch_size=1, seq_len=512, steps=100)
     return c
 
 

@@ -36,3 +36,20 @@ def small(cache_dir, *, d_model=64, n_layers=2, n_heads=2, d_ff=128, seq_len=64,
     c.checkpoint.async_save = False
     c.logging.progress_bar = c.logging.tensorboard = False
     return set_keys(c, over)
+
+
+def spawn_script(script, *args, devices: int = 8, timeout: int = 600):
+    """Runs ``python SCRIPT ARGS`` (a test module doubling as its worker) on ``devices`` fake CPU
+    devices; asserts it succeeded and returns the completed process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc

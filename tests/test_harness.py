@@ -219,13 +219,18 @@ def test_bucket_length():
     assert len({bucket_length(n, 2048) for n in range(1, 2049)}) == 2 * 7 + 1
 
 
-def test_multiple_choice_loglikelihoods_and_acc_match_brute_force(handle, tmp_path):
+def _run_task(handle, task_dir, task, batch_size):
+    """(model, results) of ``task`` (a local task in ``task_dir``) with logged samples."""
     from btlm_jax.harness import BTLMEvalLM, evaluate
 
+    lm = BTLMEvalLM(handle, batch_size=batch_size, progress=False)
+    return lm, evaluate(lm, task, include_path=str(task_dir), log_samples=True,
+                        bootstrap_iters=0)
+
+
+def test_multiple_choice_loglikelihoods_and_acc_match_brute_force(handle, tmp_path):
     write_mc_task(tmp_path)
-    lm = BTLMEvalLM(handle, batch_size=4, progress=False)
-    res = evaluate(lm, "local_mc", include_path=str(tmp_path), log_samples=True,
-                   bootstrap_iters=0)
+    lm, res = _run_task(handle, tmp_path, "local_mc", batch_size=4)
     samples = res["samples"]["local_mc"]
     assert len(samples) == len(MC_DOCS)
     tok = handle.tokenizer
@@ -273,13 +278,8 @@ def test_one_request_at_a_time_batched_and_chunked_logits_equal_brute_force(hand
 
 
 def test_rolling_loglikelihood_is_the_sum_over_windows(handle, tmp_path):
-    from btlm_jax.harness import BTLMEvalLM, evaluate
-
     write_roll_task(tmp_path)
-    lm = BTLMEvalLM(handle, batch_size=2, progress=False)
-    res = evaluate(lm, "local_roll", include_path=str(tmp_path), log_samples=True,
-                   bootstrap_iters=0)
-    samples = res["samples"]["local_roll"]
+    samples = _run_task(handle, tmp_path, "local_roll", batch_size=2)[1]["samples"]["local_roll"]
     assert len(handle.tokenizer.encode(ROLL_DOCS[1]["text"])) > 2 * L  # three windows
     for s in samples:
         text = ROLL_DOCS[s["doc_id"]]["text"]

@@ -58,13 +58,9 @@ def read_losses(workdir) -> dict:
 
 
 def spawn_worker(*args, devices=8, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+    from tests.helpers import spawn_script
+
+    return spawn_script(Path(__file__).resolve(), *args, devices=devices, timeout=timeout)
 
 
 def assert_close(ref, got, what, rtol=RTOL):

@@ -9,8 +9,6 @@ Multi-device checks run in a subprocess with fake CPU devices (this file doubles
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,31 +20,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def _config(preset="tiny", **over):
-    from configs.btlm import get_config
+    from tests.helpers import preset as build
 
-    c = get_config(preset)
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return build(preset, **over)
 
 
 def _tiny_run(cache_dir, **extra):
-    over = {
-        "model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
-        "model.d_ff": 128, "model.mup.base_d_model": 64, "model.mup.base_d_ff": 128.0,
-        "data.cache_dir": str(cache_dir), "train.seq_len": 32, "train.batch_size": 8,
-        "train.steps": 10, "train.log_every_steps": 1, "optim.peak_lr": 1e-2,
-        "optim.warmup_steps": 1, "optim.grad_clip": 0.05, "eval.num_batches": 1,
-        "eval.batch_size": 8, "eval.every_steps": 10, "logging.progress_bar": False,
-        "logging.tensorboard": False, "checkpoint.async_save": False,
-        "checkpoint.every_steps": 10, "mesh.data": 4,
-    }
-    over.update(extra)
-    return _config("tiny", **over)
+    """test_parallel's tiny run, 10 steps on 4 devices with clipping active every step."""
+    from tests.test_parallel import tiny_overrides
+
+    over = {"train.steps": 10, "optim.grad_clip": 0.05, "eval.every_steps": 10,
+            "checkpoint.every_steps": 10, "mesh.data": 4, **extra}
+    return _config("tiny", **tiny_overrides(cache_dir, **over))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,12 +118,9 @@ if __name__ == "__main__":
 
 
 def _spawn(*args, devices, timeout=900):
-    env = dict(os.environ, PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    from tests.helpers import spawn_script
+
+    return spawn_script(Path(__file__).resolve(), *args, devices=devices, timeout=timeout)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw_ema"])

@@ -312,7 +312,7 @@ class StepData:
 
     def __init__(self, cfg, tokenizer, process_index: int = 0, process_count: int = 1, *,
                  log=None):
-        from btlm_jax.config import parse_phases
+        from btlm_jax.config import parse_phases, phase_of
 
         if not 0 <= process_index < process_count:
             raise DataError(f"process_index={process_index} not in [0, {process_count})")
@@ -348,12 +348,7 @@ class StepData:
     def phase_of(self, step: int) -> int:
         """The phase of the step that follows ``step`` completed steps (the last phase after the
         end)."""
-        end = 0
-        for i, (_, _, n) in enumerate(self.phases):
-            end += n
-            if step < end:
-                return i
-        return len(self.phases) - 1
+        return phase_of(self.phases, step)
 
     def batch_shape(self, step: int) -> tuple[int, int]:
         """(global batch, seq_len) of ``step``."""

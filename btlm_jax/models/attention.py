@@ -161,10 +161,7 @@ def _flash_forward(q, k, v, slopes, qp, kp, qs, ks, off, scale, bq, bk, causal):
 
         def body(j, carry):
             m, l, acc = carry
-            kb = lax.dynamic_slice_in_dim(k, j * bk, bk, 2)
-            vb = lax.dynamic_slice_in_dim(v, j * bk, bk, 2)
-            s = _block_scores(qb, kb, slopes, qpb, lax.dynamic_slice_in_dim(kp, j * bk, bk, 1),
-                              qsb, lax.dynamic_slice_in_dim(ks, j * bk, bk, 1), scale)
+            kb, vb, s = _key_block(j, bk, qb, k, v, slopes, qpb, kp, qsb, ks, scale)
             m_new = jnp.maximum(m, s.max(-1))
             alpha = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new[..., None])
@@ -183,6 +180,15 @@ def _flash_forward(q, k, v, slopes, qp, kp, qs, ks, off, scale, bq, bk, causal):
     out = outs.transpose(1, 2, 0, 3, 4).reshape(b, h, tp, d)
     lse = lses.transpose(1, 2, 0, 3).reshape(b, h, tp)
     return out, lse
+
+
+def _key_block(j, bk, qb, k, v, slopes, qpb, kp, qsb, ks, scale):
+    """Key/value block ``j`` (of ``bk`` keys) and its masked, biased scores against ``qb``."""
+    kb = lax.dynamic_slice_in_dim(k, j * bk, bk, 2)
+    vb = lax.dynamic_slice_in_dim(v, j * bk, bk, 2)
+    s = _block_scores(qb, kb, slopes, qpb, lax.dynamic_slice_in_dim(kp, j * bk, bk, 1),
+                      qsb, lax.dynamic_slice_in_dim(ks, j * bk, bk, 1), scale)
+    return kb, vb, s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
@@ -211,10 +217,7 @@ def _flash_bwd(scale, bq, bk, causal, res, g):
 
         def body(j, c):
             dq_b, dk, dv = c
-            kb = lax.dynamic_slice_in_dim(k, j * bk, bk, 2)
-            vb = lax.dynamic_slice_in_dim(v, j * bk, bk, 2)
-            s = _block_scores(qb, kb, slopes, qpb, lax.dynamic_slice_in_dim(kp, j * bk, bk, 1),
-                              qsb, lax.dynamic_slice_in_dim(ks, j * bk, bk, 1), scale)
+            kb, vb, s = _key_block(j, bk, qb, k, v, slopes, qpb, kp, qsb, ks, scale)
             p = jnp.exp(s - lse_b[..., None])
             dp = jnp.einsum("bhqd,bhkd->bhqk", gb, vb, preferred_element_type=_F32)
             ds = p * (dp - delta_b[..., None])

@@ -65,6 +65,16 @@ def _with(params_like: dict, layers_key: str, rest=None, layer=None) -> dict:
     return out
 
 
+def leafmap(f, *trees):
+    return jax.tree_util.tree_map(f, *trees)
+
+
+def sumsq(tree):
+    """Sum of squares of every leaf, in float32."""
+    return sum((jnp.sum(jnp.square(x.astype(jnp.float32)))
+                for x in jax.tree_util.tree_leaves(tree)), jnp.float32(0))
+
+
 def streamed_update(tx: optax.GradientTransformation, grad_clip: float, *,
                     load: Callable[[Any], Any], store: Callable[[Any], Any],
                     layers_key: str = "layers"):
@@ -72,13 +82,6 @@ def streamed_update(tx: optax.GradientTransformation, grad_clip: float, *,
     param_norm)``; ``grad_clip`` must be the ``optim.grad_clip`` that ``tx`` was built with
     (0: no clipping)."""
     clip = float(grad_clip)
-
-    def leafmap(f, *trees):
-        return jax.tree_util.tree_map(f, *trees)
-
-    def sumsq(tree):
-        return sum((jnp.sum(jnp.square(x.astype(jnp.float32)))
-                    for x in jax.tree_util.tree_leaves(tree)), jnp.float32(0))
 
     def update(params, opt_state, grads, count):
         denom = jnp.maximum(count, 1.0)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from btlm_jax import optim
-from btlm_jax.config import parse_phases, validate
+from btlm_jax.config import parse_phases, phase_of, validate
 from btlm_jax.models.btlm import BTLM, activation_mesh
 from btlm_jax.parallel import mesh as mesh_lib
 from btlm_jax.parallel.sharding import Placement, placement
@@ -92,12 +92,7 @@ class Program:
 
     def phase_of(self, step: int) -> int:
         """Index of the phase that the step with ``step`` completed steps belongs to."""
-        end = 0
-        for i, (_, _, n) in enumerate(self.phases):
-            end += n
-            if step < end:
-                return i
-        return len(self.phases) - 1
+        return phase_of(self.phases, step)
 
     # ----- state -----------------------------------------------------------------------------
     def init_state(self) -> TrainState:
