@@ -348,6 +348,8 @@ class StepData:
     def phase_of(self, step: int) -> int:
         """The phase of the step that follows ``step`` completed steps (the last phase after the
         end)."""
+        from btlm_jax.config import phase_of
+
         return phase_of(self.phases, step)
 
     def batch_shape(self, step: int) -> tuple[int, int]:
