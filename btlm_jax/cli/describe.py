@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 
 from absl import flags
-from ml_collections import config_flags
 
 from btlm_jax import errors
 from btlm_jax.cli.common import run_app
+from btlm_jax.cli.overrides import define_config_flag
 
 with errors.cli():  # a misspelt --config.KEY override fails here, while the flag is defined
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/btlm.py:tiny", "Config file.")
+    _CONFIG = define_config_flag()  # the one --config flag definition
 errors.define_verbose_flag()
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
 _MESH = flags.DEFINE_string(
@@ -59,8 +59,18 @@ def main(argv):
             _CONFIG.value, aot.parse_mesh(_MESH.value), seq_len=_SEQ_LEN.value or None,
             batch_size=_BATCH.value or None)
         print(aot.format_report(info["aot"]))
+        print(_attention_advice(_CONFIG.value, info["aot"]["seq_len"]))
     if _JSON.value:
         print(json.dumps(info))
+
+
+def _attention_advice(cfg, seq_len: int) -> str:
+    """Which ``model.attention`` to use where (README: Attention implementations)."""
+    impl = cfg.model.attention
+    if seq_len >= 2048 and impl in ("xla", "cudnn"):
+        return (f"  attention: model.attention={impl} materialises [T, T] scores at seq {seq_len};"
+                " use --config.model.attention=flash (CPU/TPU) or pallas (NVIDIA GPU)")
+    return f"  attention: model.attention={impl}"
 
 
 def run():
