@@ -201,7 +201,7 @@ def _model_summary(runs: Sequence[dict], conf: float) -> dict:
             entry["pi_gain"] = g
             entry["pi_higher"] = stats.verdict(g["lo"], g["hi"])
         retrieval[str(L)] = entry
-    out = {"model": runs[0]["meta"]["model"], "d_model": runs[0]["meta"]["d_model"],
+    out = {"model": runs[0]["meta"].get("model", runs[0]["name"]), "d_model": runs[0]["meta"]["d_model"],
            "n_layers": runs[0]["meta"]["n_layers"], "train_len": lt,
            "seeds": [r["meta"].get("seed", 0) for r in runs], "loss": loss,
            "strength": {str(a): stats.mean_se(v) for a, v in sorted(strength.items())},

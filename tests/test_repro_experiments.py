@@ -45,8 +45,13 @@ def d2z_out(tmp_path_factory):
 
 @pytest.mark.slow
 def test_d2z_smoke_writes_results_and_figures(d2z_out):
-    results = _check_outputs(d2z_out, 2, ["d2z_loss_vs_lr.png", "d2z_ct_curves.png"])
-    assert {r["meta"]["schedule"] for r in results} == {"d2z", "constant"}
+    results = _check_outputs(d2z_out, 4, ["d2z_loss_vs_lr.png", "d2z_margin_vs_tpp.png",
+                                          "d2z_ct_curves.png"])
+    assert {(r["meta"]["schedule"], r["meta"]["seed"]) for r in results} == {
+        (s, k) for s in ("d2z", "linear_10x") for k in (0, 1)}
+    assert {r["overrides"]["seed"] for r in results} == {0, 1}
+    summary = json.loads((d2z_out / "summary.json").read_text())
+    assert summary["claim"] in ("holds", "does not hold", "inconclusive")
     curves = [json.loads(ln) for ln in (d2z_out / "ct_curves.jsonl").read_text().splitlines()]
     for c in curves:  # the EMA coefficients of a run sum to one
         assert len(c["c"]) == c["steps"] + 1 and abs(sum(c["c"]) - 1) < 1e-9
@@ -68,41 +73,47 @@ def test_d2z_notebook_executes_on_smoke_results(d2z_out, tmp_path, monkeypatch):
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "2 runs read from" in text and "VERDICT: claim 1" in text
-    for f in ("repro_d2z_loss_vs_lr.png", "repro_d2z_ct_curves.png"):
+    assert "4 runs read from" in text and "VERDICT: claim 1" in text and "SMOKE" in text
+    for f in ("repro_d2z_loss_vs_lr.png", "repro_d2z_margin_vs_tpp.png", "repro_d2z_ct_curves.png"):
         assert (tmp_path / f).read_bytes()[:8] == PNG
 
 
 @pytest.mark.slow
-def test_alibi_pi_smoke_evaluates_every_length_with_and_without_pi(tmp_path_factory):
+def test_alibi_pi_smoke_evaluates_lm_loss_and_retrieval_with_and_without_pi(tmp_path_factory):
     out = _smoke(tmp_path_factory, "alibi_pi")
-    (r,) = _check_outputs(out, 1, ["alibi_loss_vs_length.png", "alibi_per_position.png"])
+    results = _check_outputs(out, 2, ["alibi_loss_vs_length.png", "alibi_retrieval.png",
+                                      "alibi_per_position.png"])
+    assert {r["meta"]["seed"] for r in results} == {0, 1}
+    r = results[0]
+    # passkey documents are a quarter of the training rows
+    assert r["overrides"]["data.mixture"] == "text=0.75,passkey=0.25"
     evals = r["post"]["evals"]
     assert sorted((e["length"], e["position_interpolation"]) for e in evals) == [
-        (L, pi) for L in (16, 32, 64, 128) for pi in (False, True)]
+        (L, pi) for L in (64, 128, 256, 512) for pi in (False, True)]
     for e in evals:
         assert len(e["position_loss"]) == e["length"]
-        assert e["pi_scale"] == (e["length"] / 16 if e["position_interpolation"] else 1.0)
-        if e["length"] == 16:  # at the training length PI changes nothing
-            off = next(x for x in evals if x["length"] == 16 and not x["position_interpolation"])
-            assert e["loss"] == pytest.approx(off["loss"], abs=1e-6)
-    # partial interpolation at 128 = 8 x 16: slopes / 8 ** alpha; its ends are plain ALiBi and PI
+        assert e["pi_scale"] == (e["length"] / 64 if e["position_interpolation"] else 1.0)
     st = r["post"]["strength"]
-    assert [x["alpha"] for x in st] == [0.0, 0.125, 0.25, 0.5, 0.75, 1.0]
-    for x in st:
-        assert x["length"] == 128 and x["pi_scale"] == pytest.approx(8 ** x["alpha"])
-    at = {e["position_interpolation"]: e["loss"] for e in evals if e["length"] == 128}
+    assert [x["alpha"] for x in st] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    at = {e["position_interpolation"]: e["loss"] for e in evals if e["length"] == 512}
     assert st[0]["loss"] == pytest.approx(at[False], abs=1e-5)
     assert st[-1]["loss"] == pytest.approx(at[True], abs=1e-5)
-    assert len({round(x["loss"], 6) for x in st}) > 1  # the scale reaches the model
+    ret = r["post"]["retrieval"]
+    assert {(x["length"], x["alpha"]) for x in ret} == {
+        (L, a) for L in (64, 128, 256, 512) for a in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    for x in ret:
+        assert 0 <= x["accuracy"] <= 1 and x["key_beyond_train_len"] == (x["length"] > 64)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lm_claim"] in ("holds", "does not hold", "inconclusive")
 
 
 @pytest.mark.slow
 def test_mup_smoke(tmp_path_factory):
     # a --config.KEY=VALUE option is set in every run, typed as main types it
     out = _smoke(tmp_path_factory, "mup", extra=["--config.optim.weight_decay=0.25"])
-    results = _check_outputs(out, 2, ["mup_lr_transfer.png"])
+    results = _check_outputs(out, 8, ["mup_lr_transfer.png"])
     assert {r["meta"]["param"] for r in results} == {"mup", "sp"}
+    assert {r["overrides"]["model.n_heads"] for r in results} == {4}  # fixed across widths
     assert {r["overrides"]["model.mup.enabled"] for r in results} == {True, False}
     assert {r["overrides"]["optim.weight_decay"] for r in results} == {0.25}
 

@@ -83,7 +83,7 @@ def _grid(args, sz: dict) -> tuple[list, list, list, float]:
     if bad:
         raise ExperimentError(f"--schedules: unknown {bad}; choose from {SCHEDULES}")
     if args.smoke:
-        schedules, lrs, tpps = ["d2z", "linear_10x"], [5e-3, 1e-2], [0.05, 0.1]
+        schedules, lrs, tpps = ["d2z", "linear_10x"], [1e-2], [0.05]
     wd = float(args.wd) if args.wd is not None else WEIGHT_DECAY
     if wd < 0:
         raise ExperimentError(f"--wd={wd}: weight decay must be >= 0")
@@ -123,7 +123,7 @@ def get_sweep(args) -> dict:
                  "seed": axis("seed", seeds)},
         "fixed": {"optim.weight_decay": wd},
         "extend": {"axis": "peak_lr", "key": "optim.peak_lr", "over": ["seed"], "factor": 2.0,
-                   "rounds": min(1, args.extend_rounds) if args.smoke else args.extend_rounds},
+                   "rounds": 0 if args.smoke else args.extend_rounds},
         "meta_keys": {"steps": "train.steps"},
         "info": {"num_params": n_params,
                  "model": {k.split(".", 1)[1]: v for k, v in _model(sz).items()},

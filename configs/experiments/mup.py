@@ -67,7 +67,7 @@ def get_sweep(args) -> dict:
     sz = sizes(args.scale, args.smoke)
     lrs = recipes.numbers(args.lrs, "--lrs", DEFAULT_LRS)
     if args.smoke:
-        lrs = [5e-3, 1e-2]
+        lrs = [1e-2]
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or list(DEFAULT_SEEDS)
     except ValueError:
@@ -85,7 +85,7 @@ def get_sweep(args) -> dict:
         "meta_keys": {"steps": "train.steps", "warmup": "optim.warmup_steps",
                       "n_heads": "model.n_heads"},
         "extend": {"axis": "peak_lr", "key": "optim.peak_lr", "over": ["seed"], "factor": 2.0,
-                   "rounds": min(1, args.extend_rounds) if args.smoke else args.extend_rounds},
+                   "rounds": 0 if args.smoke else args.extend_rounds},
         "info": {"widths": sz["widths"], "n_layers": sz["n_layers"], "vocab": sz["vocab"],
                  "n_heads": N_HEADS, "steps": steps, "warmup_steps": max(1, steps // 10),
                  "lrs": lrs, "seeds": seeds,
