@@ -10,9 +10,13 @@ parameter. The model and grid are ``configs/experiments/d2z.py``. Writes ``OUT/r
 coefficients c_{T,i} of each schedule at its best LR), ``OUT/summary.json`` and
 ``OUT/figures/d2z_loss_vs_lr.png``, ``OUT/figures/d2z_ct_curves.png``.
 
-Default (scale 1, about 25 minutes on an idle 2-core CPU): a 166k-parameter model (width 64, 2
-layers, vocabulary 1024, muP), sequences of 128, batch 16, 2 and 8 tokens per parameter (163 and
-649 steps), 5 schedules x 4 peak LRs, AdamW weight decay 1.0.
+Default (scale 1, about 4.4 hours on a 2-core CPU by ``python -m experiments.estimate_time d2z``):
+a 166k-parameter model (width 64, 2 layers, vocabulary 1024, muP), sequences of 128, batch 16,
+2, 8 and 32 tokens per parameter (163, 649 and 2596 steps), 4 schedules x 4 peak LRs a factor 2
+apart (one more LR where a schedule's seed-mean optimum is on the grid's edge, up to 3 rounds),
+seeds 0, 1, 2, AdamW weight decay 1.0. Statistics: best-LR loss mean +- s.e. over seeds, D2Z's
+margin as a t-interval of per-seed paired differences, the margin's slope against ln TPP with its
+interval, and the TPP at which linear_10x reaches D2Z's loss (``summarize``).
 
 Why weight decay 1.0 and not the paper's 0.1: in the paper's reading of AdamW as an EMA of updates
 the regime is set by the timescale tau_iter = 1/(eta lambda) relative to the run length T. The

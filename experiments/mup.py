@@ -10,8 +10,12 @@ attention 1/d_head; SP: init std 0.02, one LR, 1/sqrt(d_head). The model and gri
 ``configs/experiments/mup.py``. Writes ``OUT/results.jsonl``,
 ``OUT/summary.json`` and ``OUT/figures/mup_lr_transfer.png``.
 
-Default (scale 1, about 25 minutes on an idle 2-core CPU): widths 64, 128, 256 (2 layers,
-vocabulary 1024), 6 peak LRs from 1.25e-3 to 4e-2, 150 steps of 16 x 128 tokens, D2Z schedule.
+Default (scale 1, about 4.4 hours on a 2-core CPU by ``python -m experiments.estimate_time mup``):
+widths 64, 128, 256, 512 with 4 heads at every width (2 layers, vocabulary 1024), 6 peak LRs a
+factor 2 apart from 1.25e-3 to 4e-2 (extended past an edge optimum), seeds 0 and 1, 600 steps of
+16 x 128 tokens with 10% warmup, D2Z schedule. Per width the optimum is the vertex of a parabola
+in log2 LR with a bootstrap interval over seeds; the drift is the slope of log2 best LR against
+log2 width (doublings per width doubling) with bootstrap and OLS intervals.
 ``--scale S`` multiplies the widths and the steps.
 """
 
