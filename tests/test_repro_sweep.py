@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from btlm_jax.experiments import grid, local, overrides, runner
+from btlm_jax.cli import overrides
+from btlm_jax.experiments import grid, local, runner
 from btlm_jax.experiments.grid import Task
-from btlm_jax.experiments.overrides import SweepError
+from btlm_jax.cli.overrides import SweepError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_the_override_parser_is_mains(tmp_path):
             "--config.model.mup.enabled=false", "--config.train.phases=16:4:3",
             "--config.data.train=x.jsonl,y.jsonl", "--config.train.steps=3"]
     script = ("import sys, json\nsys.argv = json.loads(sys.argv[1])\nfrom absl import flags\n"
-              "import btlm_jax.main as m\nflags.FLAGS(sys.argv)\nprint(m._CONFIG.value.to_json())")
+              "import btlm_jax.cli.train as m\nflags.FLAGS(sys.argv)\nprint(m._CONFIG.value.to_json())")
     proc = subprocess.run([sys.executable, "-c", script,
                            json.dumps(["main", *args, f"--workdir={tmp_path}"])],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
