@@ -58,12 +58,7 @@ def _loss(r: dict) -> float:
 
 def loss_table(results: Sequence[dict]) -> dict:
     """{tpp: {schedule: {peak_lr: {seed: loss}}}} (a diverged run: inf)."""
-    t: dict = {}
-    for r in results:
-        m = r["meta"]
-        t.setdefault(m["tpp"], {}).setdefault(m["schedule"], {}).setdefault(
-            m["peak_lr"], {})[m.get("seed", 0)] = _loss(r)
-    return t
+    return recipes.loss_table(results, "tpp", "schedule", _loss)
 
 
 def best_of(curve: dict) -> dict:

@@ -47,12 +47,7 @@ def best_lr(points: Sequence[tuple[float, float]]) -> dict:
 
 def loss_table(results: Sequence[dict]) -> dict:
     """{param: {width: {peak_lr: {seed: loss}}}} (diverged: inf)."""
-    t: dict = {}
-    for r in results:
-        m = r["meta"]
-        t.setdefault(m["param"], {}).setdefault(m["width"], {}).setdefault(
-            m["peak_lr"], {})[m.get("seed", 0)] = _loss(r)
-    return t
+    return recipes.loss_table(results, "param", "width", _loss)
 
 
 def _optimum(curve: dict, seeds: Sequence) -> dict:

@@ -149,3 +149,13 @@ def finish_axes(ax, xlabel: str, ylabel: str | None = None, title: str | None = 
     ax.grid(alpha=0.3, axis=grid_axis)
     if legend:
         ax.legend(fontsize=8)
+
+
+def loss_table(results, outer: str, inner: str, loss) -> dict:
+    """``{meta[outer]: {meta[inner]: {peak_lr: {seed: loss(result)}}}}`` over sweep results."""
+    t: dict = {}
+    for r in results:
+        m = r["meta"]
+        t.setdefault(m[outer], {}).setdefault(m[inner], {}).setdefault(
+            m["peak_lr"], {})[m.get("seed", 0)] = loss(r)
+    return t
