@@ -219,7 +219,7 @@ def test_submitit_debug_executor_runs_a_sweep_whose_cell_is_a_main_command(tmp_p
 
 def test_cli_grid_plans_typed_tasks_and_names_a_bad_key(tmp_path):
     sys.path.insert(0, str(ROOT))
-    from launch import sweep as cli
+    from btlm_jax.cli import sweep as cli
 
     import argparse
 
