@@ -87,9 +87,6 @@ class Placement:
     update_fn: Callable | None = None
     add_fn: Callable | None = None
 
-    def param_shardings(self):
-        return self.state_shardings.params
-
 
 def optimizer_shardings(tx, abstract_opt_state, param_shardings, replicated):
     """Optimizer-state shardings that follow the parameters by structure."""

@@ -1,7 +1,8 @@
 """The pure train and eval steps: loss, gradients (with accumulation), clipping and update.
 
-No I/O and no Python-side randomness; everything is a function of (state, batch). The driver in
-:mod:`btlm_jax.train.loop` jits these with explicit shardings.
+No I/O and no Python-side randomness; everything is a function of (state, batch).
+:class:`btlm_jax.train.program.Program` jits them with explicit shardings and the placement's
+hooks (weight streaming's per-layer update and accumulation).
 """
 
 from __future__ import annotations
