@@ -97,6 +97,11 @@ class Streamer:
 
         @jax.custom_vjp
         def move(v):
+            # The barrier keeps the all-gather's operand layout (gathered dimension major) from
+            # propagating to the layer stack ``v`` is sliced from: without it XLA relays out
+            # each whole stack once per step, a device copy that grows with depth (1.66x from 4
+            # to 16 layers at d_model 1024 instead of 1.41x; tests/test_streaming.py).
+            v = jax.lax.optimization_barrier(v)
             return jax.lax.with_sharding_constraint(jax.device_put(v, dev), full)
 
         def fwd(v):
