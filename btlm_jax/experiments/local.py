@@ -114,7 +114,16 @@ def child_env(threads: int) -> dict[str, str]:
                                 "intra_op_parallelism_threads=1").strip()
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Runs of one shape that differ only in values passed at run time (the seed) compile the
+    # same programs: JAX's persistent compilation cache lets later runs skip the compile.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(_compile_cache()))
     return env
+
+
+def _compile_cache() -> Path:
+    from btlm_jax.data import sample
+
+    return Path(sample.default_cache_dir(None)) / "jax_compile_cache"
 
 
 def _run_subprocess(task: Task, threads: int) -> tuple[Task, dict | None, str | None, float]:

@@ -5,7 +5,7 @@ with and without (and with partial) interpolation, three seeds.
 The model (``get_config``: the first model) and the grid (``get_sweep``) of
 ``python -m experiments.alibi_pi``; the evaluation at every length is the post-training hook
 ``experiments.alibi_pi:evaluate_lengths``. Default (scale 1): two models (width 64 x 2 layers and
-width 128 x 4 layers, vocabulary 2048) trained at length 128 for 1000 steps of 16 sequences,
+width 96 x 3 layers, vocabulary 2048) trained at length 128 for 1000 steps of 16 sequences,
 evaluated at 128, 256, 512 and 1024 on 32k held-out tokens at every length, read from rows that
 lie inside one held-out document (the experiment re-splits the text into documents of at least
 8 x 1024 characters: ``experiments.alibi_pi:prepare``), and on 64 passkey examples per length
@@ -33,7 +33,7 @@ def sizes(scale: float, smoke: bool = False, train_len: int = 0) -> dict:
           "vocab": 2048 * int(min(4, max(1, round(s)))), "steps": int(1000 * s), "batch": 16,
           "eval_batch": 8, "eval_batches": 8, "eval_tokens": 32768 * max(1, round(s)),
           "models": [(16 * max(1, round(4 * s)), max(1, round(2 * s))),
-                     (16 * max(1, round(8 * s)), max(1, round(4 * s)))]}
+                     (16 * max(1, round(6 * s)), max(1, round(3 * s)))]}
     sz["passkey_examples"] = 64
     if smoke:
         sz.update(train_len=64, steps=4, batch=4, eval_batch=2, eval_batches=1, eval_tokens=1024,

@@ -5,11 +5,13 @@ The model (``get_config``) and the grid (``get_sweep``) of ``python -m experimen
 ``python -m btlm_jax.main --config=configs/experiments/d2z.py[:scale=S]
 --config.optim.schedule=wsd --config.optim.peak_lr=0.006 --config.train.steps=163 --workdir=DIR``.
 
-Default (scale 1): a 166k-parameter model (width 64, 2 layers, vocabulary 1024, muP), sequences
-of 128, batch 16, 2, 8 and 32 tokens per parameter (163, 649 and 2596 steps), 4 schedules x 4
+Default (scale 1): a 58k-parameter model (width 32, 2 layers, vocabulary 1024, muP), sequences
+of 128, batch 16, 2, 8 and 32 tokens per parameter (about 57, 226 and 905 steps), 4 schedules x 4
 peak LRs a factor 2 apart (extended by one more LR, up to 3 times, where a schedule's seed-mean
 optimum lands on the grid's edge), seeds 0, 1, 2, AdamW weight decay 1.0 (why:
-``experiments/d2z.py``). ``--scale S`` widens the model (width 64 S, 2 S layers, vocabulary
+``experiments/d2z.py``). The width is 32 so that the whole default set of experiments runs in
+about an hour on a 2-core CPU; ``--scale 2`` is the width-64 model. ``--scale S`` widens the model
+(width 32 S, 2 S layers, vocabulary
 1024 min(S, 8), batch 16 S) and raises the dataset sizes to 2 S, 8 S and 32 S tokens per parameter
 (at most 20, 80 and 320); ``--tpp``, ``--lrs``, ``--seeds`` and ``--schedules`` set them directly.
 """
@@ -30,7 +32,7 @@ WEIGHT_DECAY = 1.0  # keeps tau_iter / T below 1 at these short runs (experiment
 
 def sizes(scale: float, smoke: bool = False) -> dict:
     s = max(scale, 0.25)
-    sz = {"d_model": 16 * max(1, round(4 * s)), "n_layers": max(2, round(2 * s)),
+    sz = {"d_model": 16 * max(1, round(2 * s)), "n_layers": max(2, round(2 * s)),
           "vocab": 1024 * int(min(8, max(1, round(s)))), "batch": 16 * max(1, round(s)),
           "tpp": (min(20.0, 2.0 * s), min(80.0, 8.0 * s), min(320.0, 32.0 * s))}
     if smoke:

@@ -3,11 +3,14 @@ parametrisation (SP).
 
 The model (``get_config``: the narrowest width under muP) and the grid (``get_sweep``) of
 ``python -m experiments.mup``. muP here is BTLM's: base width = the narrowest width, hidden-matrix
-init and LR scaled by 1/width multiplier; SP: init std 0.02, one LR. Default (scale 1): widths 64,
-128, 256, 512 (an 8x range) with 4 attention heads at every width (so the ALiBi slopes are the
-same model to model), 2 layers, vocabulary 1024, 6 peak LRs a factor 2 apart from 1.25e-3 to
-4e-2 (extended past an edge optimum, up to 2 times), seeds 0 and 1, 600 steps of 16 x 128 tokens
-with 60 warmup steps (10%), D2Z schedule. ``--scale S`` multiplies the widths and the steps.
+init and LR scaled by 1/width multiplier; SP: init std 0.02, one LR. Default (scale 1): widths 32,
+64, 128, 256 (an 8x range) with 4 attention heads at every width (so the ALiBi slopes are the
+same model to model), 2 layers, vocabulary 1024, 5 peak LRs a factor 2 apart from 1.25e-3 to
+2e-2 (extended past an edge optimum, up to 2 times), seeds 0 and 1, 600 steps of 8 x 64 tokens
+with 60 warmup steps (10%), D2Z schedule, evaluated on 32 x 8 x 64 held-out tokens. ``--scale S``
+multiplies the widths and the steps (``--scale 2``: widths 64 to 512, 1200 steps). The widths
+start at 32 so that the default set of experiments runs in about an hour on a 2-core CPU; width
+512 alone would take three times as long as 32 to 256 together.
 """
 
 from btlm_jax.experiments import recipes
@@ -16,7 +19,7 @@ from btlm_jax.experiments.grid import axis
 
 NAME = "mup"
 ANALYSIS = "experiments.mup"
-DEFAULT_LRS = (1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2)
+DEFAULT_LRS = (1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2)
 DEFAULT_SEEDS = (0, 1)
 N_HEADS = 4  # fixed across widths: head_dim = width / 4
 EXTEND_ROUNDS = 2
@@ -29,9 +32,9 @@ PARAMETRIZATIONS = {
 
 def sizes(scale: float, smoke: bool = False) -> dict:
     s = max(scale, 0.25)
-    base = 16 * max(1, round(4 * s))
+    base = 16 * max(1, round(2 * s))
     sz = {"widths": [base, 2 * base, 4 * base, 8 * base], "n_layers": 2, "vocab": 1024,
-          "steps": int(600 * s), "batch": 16, "eval_batch": 8, "eval_batches": 16}
+          "steps": int(600 * s), "batch": 8, "seq_len": 64, "eval_batch": 8, "eval_batches": 32}
     if smoke:
         sz.update(widths=[16, 32], n_layers=1, steps=5, batch=4, eval_batch=4, eval_batches=1)
     return sz
@@ -44,7 +47,8 @@ def get_config(arg: str = ""):
     return recipes.build({
         **recipes.model_overrides(w0, sz["n_layers"], sz["vocab"], mup=True, base_d_model=w0),
         **width_overrides(w0),
-        **recipes.run_overrides(steps=sz["steps"], batch=sz["batch"], evals=1,
+        **recipes.run_overrides(steps=sz["steps"], batch=sz["batch"], seq_len=sz["seq_len"],
+                                evals=1,
                                 eval_batches=sz["eval_batches"], eval_batch=sz["eval_batch"]),
         "optim.peak_lr": DEFAULT_LRS[0]})
 
