@@ -69,3 +69,33 @@ def test_accuracy_counts_only_fully_correct_answers():
 
     assert passkey.accuracy(oracle, ex, 1.0, batch=2) == 1.0
     assert passkey.accuracy(lambda i, s: oracle(i, s, wrong=(0, 1)), ex, 1.0, batch=5) == 0.6
+
+
+def test_examples_are_tokenized_as_training_documents_are():
+    """With a SentencePiece model (a leading space is a piece of its own there), an evaluation
+    example is exactly the tokenizer's tokenization of its own text, so the answer tokens are the
+    ones a training document ends with. Encoding the answer alone gave ' ', 'e', 'ight' where the
+    documents have ' e', 'ight': 0% passkey accuracy for a model that had learned the task."""
+    from btlm_jax.data.tokenizer import Tokenizer, train_sentencepiece
+
+    rng = np.random.default_rng(3)
+    docs = [passkey.training_text(rng, 300) for _ in range(200)]
+    tok = Tokenizer("sentencepiece", train_sentencepiece(docs, 300))
+    for length, beyond in ((256, 0), (512, 200)):
+        for _ in range(10):
+            e = passkey.example_ids(tok.encode, rng, length, beyond=beyond)
+            ids = [int(i) for i in e["ids"]]
+            a0, a1 = e["answer"]
+            text = tok.decode(ids)
+            assert tok.decode(ids[a0:a1]).strip() == passkey.answer(e["key"]).strip()
+            # tokenizing the example's text in one piece (from the needle on, after a sentence,
+            # as in a document) gives its tokens: the pieces were tokenized consistently
+            n0 = e["needle"][0]
+            tail = " " + tok.decode(ids[n0:]).lstrip()
+            ctx = tok.encode("Here we go.")
+            whole = tok.encode("Here we go." + tail)
+            assert whole[:len(ctx)] == ctx and whole[len(ctx):] == ids[n0:]
+            # the answer tokens are those that end a training document with this key
+            doc = tok.encode(passkey.QUESTION.strip() + passkey.answer(e["key"]))
+            assert doc[-(a1 - a0):] == ids[a0:a1]
+            assert text.endswith(passkey.QUESTION + passkey.answer(e["key"]))

@@ -5,7 +5,8 @@ tokenizer has them) hidden in repetitive filler text and asked for at the end.
   training length: the experiment writes them as a ``.jsonl`` source of its own);
 - :func:`example_ids` builds one evaluation sequence of exactly ``length`` tokens with the key at
   a given token position (e.g. more than ``L_train`` tokens before the question) and returns where
-  the key and the answer are;
+  the key and the answer are; every piece is tokenized as it appears inside a document
+  (:func:`in_context`), so the sequence is the tokenizer's own tokenization of its text;
 - :func:`accuracy` scores a model: an example is retrieved when the argmax prediction at every
   answer token is that token (teacher forcing; chance is about 10**-digits).
 """
@@ -46,6 +47,18 @@ def training_text(rng: np.random.Generator, n_chars: int, n_digits: int = 4) -> 
     return filler[:cut] + needle(key) + " " + filler[cut:].lstrip() + QUESTION + answer(key)
 
 
+def in_context(encode: Callable[[str], Sequence[int]], text: str) -> list[int]:
+    """The tokens of ``text`` (which starts with a space) as they come out when it follows filler
+    text, i.e. as in a training document. Encoding it alone can differ: a SentencePiece model
+    turns a leading space into a piece of its own (``' '`` then ``'e'`` instead of ``' e'``), so
+    answer tokens encoded alone are ones the model never saw after the question."""
+    ctx = FILLER.strip()
+    pre, full = list(encode(ctx)), list(encode(ctx + text))
+    if full[:len(pre)] != pre:
+        raise ValueError(f"the tokenizer merges {text[:20]!r} with the text before it")
+    return full[len(pre):]
+
+
 def example_ids(encode: Callable[[str], Sequence[int]], rng: np.random.Generator, length: int,
                 needle_pos: int | None = None, beyond: int = 0, n_digits: int = 4) -> dict:
     """One evaluation sequence of exactly ``length`` token ids: filler tokens, the needle starting
@@ -55,8 +68,13 @@ def example_ids(encode: Callable[[str], Sequence[int]], rng: np.random.Generator
     beyond the training length from where it is asked for).
     Returns ``{"ids", "needle": (start, end), "answer": (start, end), "key"}`` (token spans)."""
     key = random_key(rng, n_digits)
-    nd, q, a = (list(encode(needle(key))), list(encode(QUESTION)), list(encode(answer(key))))
-    fill = list(encode(FILLER))
+    nd = in_context(encode, needle(key))
+    q = in_context(encode, QUESTION)
+    qa = in_context(encode, QUESTION + answer(key))
+    if qa[:len(q)] != q:
+        raise ValueError(f"the tokenizer merges the question with the answer {answer(key)!r}")
+    a = qa[len(q):]
+    fill = in_context(encode, " " + FILLER.strip())
     room = length - len(nd) - len(q) - len(a)
     if needle_pos is None:
         # answer start - needle end = (length - len(a)) - (pos + len(nd)) > beyond
