@@ -51,7 +51,10 @@ def prepare(args, out, data, *, train_len, longest, passkey_frac, vocab, passkey
 
     out = Path(out)
     chunk = 8 * int(longest)
-    docs = exp_data.read_documents(data["train"]) + exp_data.read_documents(data["eval"])
+    # the user's own documents (``--data``), not the runner's 4000-character split of them: a
+    # held-out row of the longest length must lie inside one unbroken text
+    docs = (exp_data.read_documents(args.data) if args.data else
+            exp_data.read_documents(data["train"]) + exp_data.read_documents(data["eval"]))
     pieces = [p for _, text in docs for p in exp_data._chunks(text, chunk)]
     long_ix = [i for i, p in enumerate(pieces) if len(p) >= chunk]
     held = set(long_ix[5::10]) or set(long_ix[-1:])
