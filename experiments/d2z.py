@@ -1,4 +1,4 @@
-"""Straight to Zero: linear decay-to-zero vs other LR schedules, over a peak-LR grid, at two
+"""Straight to Zero: linear decay-to-zero vs other LR schedules, over a peak-LR grid, at three
 dataset sizes (tokens per parameter).
 
     python -m experiments.d2z [--out DIR] [--data GLOB] [--scale S] [--workers N] [--slurm]
@@ -8,26 +8,27 @@ the lowest validation loss, and its margin (over 10x linear decay) grows with to
 parameter. The model and grid are ``configs/experiments/d2z.py``. Writes ``OUT/results.jsonl``
 (one line per run), ``OUT/ct_curves.jsonl`` (the EMA
 coefficients c_{T,i} of each schedule at its best LR), ``OUT/summary.json`` and
-``OUT/figures/d2z_loss_vs_lr.png``, ``OUT/figures/d2z_ct_curves.png``.
+``OUT/figures/d2z_loss_vs_lr.png``, ``OUT/figures/d2z_margin_vs_tpp.png``,
+``OUT/figures/d2z_ct_curves.png``.
 
-Default (scale 1, about 4.4 hours on a 2-core CPU by ``python -m experiments.estimate_time d2z``):
-a 166k-parameter model (width 64, 2 layers, vocabulary 1024, muP), sequences of 128, batch 16,
-2, 8 and 32 tokens per parameter (163, 649 and 2596 steps), 4 schedules x 4 peak LRs a factor 2
-apart (one more LR where a schedule's seed-mean optimum is on the grid's edge, up to 3 rounds),
-seeds 0, 1, 2, AdamW weight decay 1.0. Statistics: best-LR loss mean +- s.e. over seeds, D2Z's
-margin as a t-interval of per-seed paired differences, the margin's slope against ln TPP with its
-interval, and the TPP at which linear_10x reaches D2Z's loss (``summarize``).
+Default (scale 1; 144 runs plus 30 from extending edge optima took 71 minutes with 2 workers on
+a 2-core CPU): a 58k-parameter model (width 32, 2 layers, vocabulary 1024, muP), sequences of
+128, batch 16, 2, 8 and 32 tokens per parameter (57, 226 and 905 steps), 4 schedules x 4 peak LRs
+a factor 2 apart (one more LR where a schedule's seed-mean optimum is on the grid's edge, up to 3
+rounds), seeds 0, 1, 2, AdamW weight decay 1.0. Statistics: best-LR loss mean +- s.e. over seeds,
+D2Z's margin as a t-interval of per-seed paired differences, the margin's slope against ln TPP
+with its interval, and the TPP at which linear_10x reaches D2Z's loss (``summarize``).
 
 Why weight decay 1.0 and not the paper's 0.1: in the paper's reading of AdamW as an EMA of updates
 the regime is set by the timescale tau_iter = 1/(eta lambda) relative to the run length T. The
 paper's runs (tens of thousands of steps at lambda 0.1) have tau_iter / T well below 1; a 649-step
 CPU run at lambda 0.1 has tau_iter / T ~ 2.6 at the best peak LR, where the final weights are still
-~80% the initialisation and the schedule barely matters (measured: experiments/results/d2z_wd0.1).
-lambda 1.0 puts tau_iter / T at 0.26 (8 TPP) and 0.51 (2 TPP) at the measured best peak LRs, the
-paper's range. ``--wd`` sets it: for ``--scale`` runs of tens of thousands of steps, pass the
-paper's ``--wd 0.1``. ``--scale S`` widens the model (width 64 S, 2 S layers,
-vocabulary 1024 min(S, 8), batch 16 S) and raises the dataset sizes to 2 S and 8 S tokens per
-parameter (at most 20 and 80, the paper's); ``--tpp`` and ``--lrs`` set them directly.
+~80% the initialisation and the schedule barely matters (measured on the width-64 model of an
+earlier default: experiments/results/d2z_wd0.1). lambda 1.0 puts tau_iter / T at 0.37 (2 TPP),
+0.18 (8 TPP) and 0.09 (32 TPP) at the measured best peak LRs of the default, the paper's range. ``--wd`` sets it: for ``--scale`` runs of tens of thousands of steps, pass the
+paper's ``--wd 0.1``. ``--scale S`` widens the model (width 32 S, 2 S layers,
+vocabulary 1024 min(S, 8), batch 16 S) and raises the dataset sizes to 2 S, 8 S and 32 S tokens
+per parameter (at most 20, 80 and 320); ``--tpp`` and ``--lrs`` set them directly.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def plot(results: Sequence[dict], summary: dict, curves: Sequence[dict], fig_dir
     fig.suptitle("Validation loss vs peak LR, one line per schedule")
     paths = [recipes.save_figure(fig, fig_dir, f"{prefix}_loss_vs_lr.png")]
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for sched in SCHEDULES:
         pts = [(t, summary["per_tpp"][str(t)]["best"][sched]) for t in tpps
                if sched in summary["per_tpp"][str(t)]["best"]]
@@ -210,6 +211,8 @@ def plot(results: Sequence[dict], summary: dict, curves: Sequence[dict], fig_dir
                         yerr=[b["se"] if b["n"] > 1 else 0.0 for _, b in pts], fmt="o-",
                         color=COLORS[sched], label=sched, capsize=3, ms=4)
     a1.set_xscale("log")
+    a1.set_xticks(tpps, [f"{t:g}" for t in tpps])
+    a1.minorticks_off()
     recipes.finish_axes(a1, "tokens per parameter", "best-LR validation loss",
                         "each schedule at its best LR (+- s.e.)")
     for i, other in enumerate(("linear_10x", "cosine_10x", "wsd", "constant")):
@@ -228,6 +231,8 @@ def plot(results: Sequence[dict], summary: dict, curves: Sequence[dict], fig_dir
                 lw=1, ls="--", label=f"fit: slope {sl['slope']:+.4f} per ln TPP")
     a2.axhline(0, color="k", lw=0.8)
     a2.set_xscale("log")
+    a2.set_xticks(tpps, [f"{t:g}" for t in tpps])
+    a2.minorticks_off()
     recipes.finish_axes(a2, "tokens per parameter", "loss(other) - loss(d2z)",
                         f"D2Z margin, {100 * summary['conf']:.0f}% t-intervals over seeds")
     paths.append(recipes.save_figure(fig, fig_dir, f"{prefix}_margin_vs_tpp.png"))

@@ -8,14 +8,16 @@ widens; under SP it drifts (usually down). muP here is BTLM's: base width = the 
 hidden-matrix init and LR scaled by 1/width multiplier, embedding x 14.6, logits x 2.22/w,
 attention 1/d_head; SP: init std 0.02, one LR, 1/sqrt(d_head). The model and grid are
 ``configs/experiments/mup.py``. Writes ``OUT/results.jsonl``,
-``OUT/summary.json`` and ``OUT/figures/mup_lr_transfer.png``.
+``OUT/summary.json``, ``OUT/figures/mup_lr_transfer.png`` and ``OUT/figures/mup_coord_check.png``.
 
-Default (scale 1, about 4.4 hours on a 2-core CPU by ``python -m experiments.estimate_time mup``):
-widths 64, 128, 256, 512 with 4 heads at every width (2 layers, vocabulary 1024), 6 peak LRs a
-factor 2 apart from 1.25e-3 to 4e-2 (extended past an edge optimum), seeds 0 and 1, 600 steps of
-16 x 128 tokens with 10% warmup, D2Z schedule. Per width the optimum is the vertex of a parabola
-in log2 LR with a bootstrap interval over seeds; the drift is the slope of log2 best LR against
-log2 width (doublings per width doubling) with bootstrap and OLS intervals.
+Default (scale 1; 80 runs plus 16 from extending edge optima took 35 minutes with 2 workers on
+a 2-core CPU): widths 32, 64, 128, 256 (an 8x range) with 4 heads at every width (2 layers,
+vocabulary 1024), 5 peak LRs a factor 2 apart from 1.25e-3 to 2e-2 (extended past an edge
+optimum, up to 2 rounds), seeds 0 and 1, 600 steps of 8 x 64 tokens with 10% warmup, D2Z
+schedule. Per width the optimum is the vertex of a parabola in log2 LR with a bootstrap interval
+over seeds; the drift is the slope of log2 best LR against log2 width (doublings per width
+doubling) with bootstrap and OLS intervals. Beside it, the coordinate check on the same model at
+the same widths (``OUT/figures/mup_coord_check.png``, ``OUT/coord_check.json``).
 ``--scale S`` multiplies the widths and the steps.
 """
 
@@ -134,8 +136,8 @@ def plot(results: Sequence[dict], summary: dict, fig_dir: Path, prefix: str = "m
 
     plt = recipes.pyplot()
     table = loss_table(results)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
-    for ax, param, title in zip(axes, ("sp", "mup"), ("standard parametrisation", "muP")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for ax, param, title in zip(axes, ("sp", "mup"), ("SP", "muP")):
         s = summary.get(param)
         if not s:
             continue
@@ -152,10 +154,12 @@ def plot(results: Sequence[dict], summary: dict, fig_dir: Path, prefix: str = "m
             b = s["best"][str(w)]
             if b["fit"]:
                 ax.axvline(b["fit"], color=f"C{i}", ls=":", lw=1)
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         d = s["drift"]
         recipes.finish_axes(ax, "peak learning rate", "validation loss (mean +- s.e.)",
-                            f"{title}: drift {d['slope']:+.2f} doublings / width doubling")
+                            f"{title}: best LR drifts {d['slope']:+.2f} doublings\n"
+                            f"per width doubling [{d['lo']:+.2f}, {d['hi']:+.2f}]")
     ax = axes[2]
     for k, (param, col) in enumerate((("sp", "C0"), ("mup", "C3"))):
         s = summary.get(param)
@@ -171,7 +175,7 @@ def plot(results: Sequence[dict], summary: dict, fig_dir: Path, prefix: str = "m
                     label=f"{param}: {d['slope']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]")
     ax.set_xscale("log", base=2)
     recipes.finish_axes(ax, "width", "log2 best peak LR (parabola fit)",
-                        f"best LR vs width, {100 * summary['conf']:.0f}% bootstrap over seeds")
+                        f"best LR vs width\n({100 * summary['conf']:.0f}% bootstrap over seeds)")
     paths = [recipes.save_figure(fig, fig_dir, f"{prefix}_lr_transfer.png")]
     return paths
 
@@ -212,10 +216,65 @@ def report(summary: dict) -> str:
                            summary["claim"])
 
 
+def coord_check(info: dict, out: Path, summary: dict, steps: int = 8) -> dict | None:
+    """The muP coordinate check beside the sweep, on the sweep's own model at its widths: mean
+    |activation| per layer against width after ``steps`` AdamW steps at one LR (muP's best LR at
+    the base width, else the config's), once under muP and once under SP
+    (:mod:`btlm_jax.experiments.coord_check`). Writes ``OUT/coord_check.json`` (reused while the
+    widths, LR and steps are unchanged) and ``OUT/figures/mup_coord_check.png``; returns the
+    per-layer slopes of log size against log width at the last step (0: width independent)."""
+    import json
+
+    from btlm_jax.cli.overrides import load_config
+    from btlm_jax.experiments import coord_check as cc
+
+    widths = [int(w) for w in info.get("widths", [])]
+    if len(widths) < 2 or not info.get("config"):
+        return None
+    base = summary.get("mup", {}).get("best", {}).get(str(widths[0]))
+    cfg = load_config(info["config"])
+    lr = float(base["fit"]) if base else float(cfg.optim.peak_lr)
+    cfg.optim.peak_lr = lr
+    key = {"widths": widths, "lr": lr, "steps": int(steps), "config": info["config"]}
+    path = Path(out) / "coord_check.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if {k: saved.get(k) for k in key} == key:
+        res = {p: {int(w): v for w, v in by.items()} for p, by in saved["results"].items()}
+    else:
+        res = cc.coord_check(cfg, widths, steps=int(steps))
+        res = {p: {w: [{k: float(v) for k, v in row.items()} for row in rows]
+                   for w, rows in by.items()} for p, by in res.items()}
+        path.write_text(json.dumps({**key, "results": res}, indent=1))
+    fig_dir = Path(out) / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    cc.plot(res, str(fig_dir / "mup_coord_check.png"))
+    sl = cc.slopes(res)
+    return {**key, "slopes_last_step": sl,
+            "max_abs_slope": {p: max(abs(v) for v in by.values()) for p, by in sl.items()},
+            "figure": str(fig_dir / "mup_coord_check.png")}
+
+
+def coord_report(cc_summary: dict | None) -> str:
+    if not cc_summary:
+        return "coordinate check: not run"
+    lines = [f"coordinate check (widths {cc_summary['widths']}, {cc_summary['steps']} steps at LR "
+             f"{cc_summary['lr']:.3g}): slope of log mean|x| against log width at the last step "
+             f"(0 = width independent)"]
+    for p, by in cc_summary["slopes_last_step"].items():
+        lines.append(f"  {p:<4} " + " ".join(f"{k}={v:+.2f}" for k, v in by.items())
+                     + f"   (largest |slope| {cc_summary['max_abs_slope'][p]:.2f})")
+    return "\n".join(lines)
+
+
 def analyze(results: Sequence[dict], info: dict, out: Path) -> tuple[dict, list[str], str]:
-    """The runner's analysis step: summary, figures, report."""
+    """The runner's analysis step: summary, figures (the LR transfer and the coordinate check
+    at the sweep's widths), report."""
     summary = summarize(results)
-    return summary, plot(results, summary, Path(out) / "figures"), report(summary)
+    figures = plot(results, summary, Path(out) / "figures")
+    summary["coord_check"] = coord_check(info, out, summary)
+    if summary["coord_check"]:
+        figures.append(summary["coord_check"]["figure"])
+    return summary, figures, report(summary) + "\n" + coord_report(summary["coord_check"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
