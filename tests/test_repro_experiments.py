@@ -85,8 +85,8 @@ def test_alibi_pi_smoke_evaluates_lm_loss_and_retrieval_with_and_without_pi(tmp_
                                       "alibi_per_position.png"])
     assert {r["meta"]["seed"] for r in results} == {0, 1}
     r = results[0]
-    # passkey documents are a quarter of the training rows
-    assert r["overrides"]["data.mixture"] == "text=0.75,passkey=0.25"
+    # passkey documents are half of the training rows
+    assert r["overrides"]["data.mixture"] == "text=0.5,passkey=0.5"
     evals = r["post"]["evals"]
     assert sorted((e["length"], e["position_interpolation"]) for e in evals) == [
         (L, pi) for L in (64, 128, 256, 512) for pi in (False, True)]
@@ -176,3 +176,50 @@ def test_alibi_pi_holds_out_long_texts_from_a_single_text_file(tmp_path):
     assert all(t in src for t in held)
     train = (out / "long_context" / "train.jsonl").read_text()
     assert not any(json.dumps(t, ensure_ascii=False)[1:-1] in train for t in held)
+
+
+def _alibi_run(seed, acc, n=64, train_len=128, lengths=(128, 256, 512)):
+    """A result line of experiments.alibi_pi with given passkey accuracies {(length, alpha): acc}."""
+    evals = [{"length": L, "position_interpolation": pi, "loss": 3.0 + 0.1 * pi + 0.01 * seed}
+             for L in lengths for pi in (False, True)]
+    ret = [{"length": L, "alpha": a, "accuracy": acc.get((L, a), 0.0), "n": n}
+           for L in lengths for a in (0.0, 1.0)]
+    return {"name": f"model=m,seed={seed}", "status": "ok",
+            "meta": {"model": "m", "seed": seed, "train_len": train_len, "d_model": 64,
+                     "n_layers": 2},
+            "post": {"evals": evals, "retrieval": ret, "strength": []}}
+
+
+def test_alibi_retrieval_verdict_rules_out_a_gain_when_every_seed_scores_zero():
+    # learned at L_train (0.6), 0 of 64 beyond it with PI on and off at every seed: the t-interval
+    # over seeds is [0, 0] and read "inconclusive" before; 0 of 192 bounds PI's accuracy by
+    # 1 - 0.025**(1/192) = 0.019 (exact binomial), so a gain of 0.1 is ruled out: does not hold
+    from btlm_jax.experiments import stats
+    from experiments import alibi_pi
+
+    lo, hi = stats.clopper_pearson(0, 192)
+    assert lo == 0 and hi == pytest.approx(1 - 0.025 ** (1 / 192), rel=1e-9)
+    lo, hi = stats.clopper_pearson(20, 20)
+    assert hi == 1 and lo == pytest.approx(0.025 ** (1 / 20), rel=1e-9)
+
+    learned = {(128, 0.0): 0.6, (128, 1.0): 0.6}
+    s = alibi_pi.summarize([_alibi_run(i, learned) for i in range(3)])
+    m = s["models"][0]
+    assert m["retrieval"]["256"]["pi_gain"]["hi_binomial"] == pytest.approx(
+        1 - 0.025 ** (1 / 192), rel=1e-6)
+    assert m["pi_higher_retrieval_beyond"] == "does not hold"
+    assert s["retrieval_claim"] == "does not hold"
+
+    # PI retrieves beyond L_train at every seed: holds
+    runs = [_alibi_run(i, {**learned, (256, 1.0): 0.45 + 0.05 * i, (512, 1.0): 0.4 + 0.05 * i})
+            for i in range(3)]
+    assert alibi_pi.summarize(runs)["retrieval_claim"] == "holds"
+
+    # a small noisy gain on few examples: neither established nor ruled out
+    runs = [_alibi_run(i, {**learned, (256, 1.0): [0.0625, 0.0, 0.0625][i]}, n=16)
+            for i in range(3)]
+    assert alibi_pi.summarize(runs)["models"][0]["retrieval"]["256"]["pi_higher"] == "inconclusive"
+
+    # not learned at L_train: nothing to extrapolate, whatever happens beyond
+    s = alibi_pi.summarize([_alibi_run(i, {}) for i in range(3)])
+    assert s["retrieval_claim"] == "inconclusive"

@@ -51,6 +51,18 @@ def paired_interval(a: Sequence[float], b: Sequence[float], conf: float = CONF) 
     return t_interval(a - b, conf)
 
 
+def clopper_pearson(k: int, n: int, conf: float = CONF) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval of a binomial proportion with ``k`` successes of ``n``."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    a = (1 - conf) / 2
+    lo = 0.0 if k <= 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k >= n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
 def slope_interval(x: Sequence[float], y: Sequence[float], conf: float = CONF) -> dict:
     """Least-squares slope of ``y`` on ``x`` with its t-interval (n - 2 degrees of freedom)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
