@@ -19,7 +19,7 @@ L_train tokens before the question, scored by exact greedy answers with the slop
 for alpha 0 (off) to 1 (PI). The LM loss beyond L_train reads only rows inside one held-out
 document (``make_eval_batches(contiguous=True)``; ``prepare`` re-splits the text so held-out
 documents are at least 8 x the longest length in characters). Seeds 0, 1, 2; t-intervals over
-seeds. Default (scale 1; the 6 runs took 25 minutes with 2 workers on a 2-core CPU): two models
+seeds. Default (scale 1; the 6 runs took 21 minutes with 2 workers on a 2-core CPU): two models
 (width 64 x 2 layers and width 96 x 3 layers, vocabulary 2048) trained at length 128 for 1000
 steps of 16 sequences, evaluated at 128, 256, 512 and 1024 on the same 32k held-out tokens at
 every length. ``--scale S`` multiplies the widths, the layer counts, the steps and the training
