@@ -271,7 +271,7 @@ def analyze(results: Sequence[dict], info: dict, out: Path) -> tuple[dict, list[
     at the sweep's widths), report."""
     summary = summarize(results)
     figures = plot(results, summary, Path(out) / "figures")
-    summary["coord_check"] = coord_check(info, out, summary)
+    summary["coord_check"] = coord_check(info, out, summary, steps=2 if info.get("smoke") else 8)
     if summary["coord_check"]:
         figures.append(summary["coord_check"]["figure"])
     return summary, figures, report(summary) + "\n" + coord_report(summary["coord_check"])

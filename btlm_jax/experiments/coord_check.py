@@ -65,9 +65,10 @@ def run_width(cfg, width: int, parametrization: str, steps: int, tokens) -> list
 
     c = _width_config(cfg, width, parametrization)
     model = BTLM(c.model)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(c.seed), tokens[:, :-1])["params"])
+    # one compiled init instead of hundreds of eagerly compiled small ops
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(c.seed), tokens[:, :-1])["params"])
     tx, _ = optim.build(c, steps)
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)
 
     def loss_fn(p):
         logits, state = model.apply({"params": p}, tokens[:, :-1], capture_intermediates=True,
