@@ -111,11 +111,15 @@ def test_alibi_pi_smoke_evaluates_lm_loss_and_retrieval_with_and_without_pi(tmp_
 def test_mup_smoke(tmp_path_factory):
     # a --config.KEY=VALUE option is set in every run, typed as main types it
     out = _smoke(tmp_path_factory, "mup", extra=["--config.optim.weight_decay=0.25"])
-    results = _check_outputs(out, 8, ["mup_lr_transfer.png"])
+    results = _check_outputs(out, 4, ["mup_lr_transfer.png", "mup_coord_check.png"])
     assert {r["meta"]["param"] for r in results} == {"mup", "sp"}
     assert {r["overrides"]["model.n_heads"] for r in results} == {4}  # fixed across widths
     assert {r["overrides"]["model.mup.enabled"] for r in results} == {True, False}
     assert {r["overrides"]["optim.weight_decay"] for r in results} == {0.25}
+    # the coordinate check beside the sweep, at the sweep's widths
+    cc = json.loads((out / "summary.json").read_text())["coord_check"]
+    assert cc["widths"] == [16, 32] and set(cc["slopes_last_step"]) == {"mup", "sp"}
+    assert json.loads((out / "coord_check.json").read_text())["widths"] == [16, 32]
 
 
 @pytest.mark.slow

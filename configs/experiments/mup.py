@@ -73,7 +73,8 @@ def get_sweep(args) -> dict:
     if args.smoke:
         lrs = [1e-2]
     try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or list(DEFAULT_SEEDS)
+        seeds = ([int(x) for x in args.seeds.split(",") if x.strip()]
+                 or ([0] if args.smoke else list(DEFAULT_SEEDS)))
     except ValueError:
         raise ExperimentError(f"--seeds={args.seeds!r}: expected integers, e.g. 0,1") from None
     if args.steps < 0 or args.extend_rounds < 0:
