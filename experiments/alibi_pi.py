@@ -15,8 +15,10 @@ longest length: slopes divided by (L / L_train) ** alpha for alpha from 0 to 1),
 Retrieval (where ALiBi is expected to fail and PI to help): passkey documents (a key of digit
 words hidden in filler text, asked for at the end; ``btlm_jax/experiments/passkey.py``) are half
 of the training rows (``--passkey-frac``); at each length 64 examples put the key more than
-L_train tokens before the question, scored by exact greedy answers with the slopes divided by (L/L_train)^alpha
-for alpha 0 (off) to 1 (PI). The LM loss beyond L_train reads only rows inside one held-out
+L_train tokens before the question, scored by exact greedy answers with the slopes divided by
+(L/L_train)^alpha for alpha 0 (off) to 1 (PI). PI "does not hold" for retrieval where its gain's
+upper bound (the t-interval over seeds, widened by the exact binomial bounds of the pooled
+examples) is below 0.1. The LM loss beyond L_train reads only rows inside one held-out
 document (``make_eval_batches(contiguous=True)``; ``prepare`` re-splits the text so held-out
 documents are at least 8 x the longest length in characters). Seeds 0, 1, 2; t-intervals over
 seeds. Default (scale 1; the 6 runs took 21 minutes with 2 workers on a 2-core CPU): two models

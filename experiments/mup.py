@@ -221,8 +221,9 @@ def coord_check(info: dict, out: Path, summary: dict, steps: int = 8) -> dict | 
     |activation| per layer against width after ``steps`` AdamW steps at one LR (muP's best LR at
     the base width, else the config's), once under muP and once under SP
     (:mod:`btlm_jax.experiments.coord_check`). Writes ``OUT/coord_check.json`` (reused while the
-    widths, LR and steps are unchanged) and ``OUT/figures/mup_coord_check.png``; returns the
-    per-layer slopes of log size against log width at the last step (0: width independent)."""
+    widths, LR and steps are unchanged) and ``OUT/figures/mup_coord_check.png``; returns those
+    settings with the per-layer slopes of log size against log width at the last step (0: width
+    independent) and the figure's path, or None without two widths."""
     import json
 
     from btlm_jax.cli.overrides import load_config
@@ -233,7 +234,7 @@ def coord_check(info: dict, out: Path, summary: dict, steps: int = 8) -> dict | 
         return None
     base = summary.get("mup", {}).get("best", {}).get(str(widths[0]))
     cfg = load_config(info["config"])
-    lr = float(base["fit"]) if base else float(cfg.optim.peak_lr)
+    lr = float(base["fit"]) if base and base.get("fit") else float(cfg.optim.peak_lr)
     cfg.optim.peak_lr = lr
     key = {"widths": widths, "lr": lr, "steps": int(steps), "config": info["config"]}
     path = Path(out) / "coord_check.json"
@@ -248,22 +249,19 @@ def coord_check(info: dict, out: Path, summary: dict, steps: int = 8) -> dict | 
     fig_dir = Path(out) / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     cc.plot(res, str(fig_dir / "mup_coord_check.png"))
-    sl = cc.slopes(res)
-    return {**key, "slopes_last_step": sl,
-            "max_abs_slope": {p: max(abs(v) for v in by.values()) for p, by in sl.items()},
+    return {**key, "slopes_last_step": cc.slopes(res),
             "figure": str(fig_dir / "mup_coord_check.png")}
 
 
 def coord_report(cc_summary: dict | None) -> str:
+    from btlm_jax.experiments import coord_check as cc
+
     if not cc_summary:
         return "coordinate check: not run"
-    lines = [f"coordinate check (widths {cc_summary['widths']}, {cc_summary['steps']} steps at LR "
-             f"{cc_summary['lr']:.3g}): slope of log mean|x| against log width at the last step "
-             f"(0 = width independent)"]
-    for p, by in cc_summary["slopes_last_step"].items():
-        lines.append(f"  {p:<4} " + " ".join(f"{k}={v:+.2f}" for k, v in by.items())
-                     + f"   (largest |slope| {cc_summary['max_abs_slope'][p]:.2f})")
-    return "\n".join(lines)
+    return "\n".join([f"coordinate check (widths {cc_summary['widths']}, {cc_summary['steps']} "
+                      f"steps at LR {cc_summary['lr']:.3g}): slope of log mean|x| against log "
+                      f"width at the last step (0 = width independent)",
+                      *cc.slope_lines(cc_summary["slopes_last_step"])])
 
 
 def analyze(results: Sequence[dict], info: dict, out: Path) -> tuple[dict, list[str], str]:

@@ -183,7 +183,7 @@ def test_alibi_pi_holds_out_long_texts_from_a_single_text_file(tmp_path):
 
 
 def _alibi_run(seed, acc, n=64, train_len=128, lengths=(128, 256, 512)):
-    """A result line of experiments.alibi_pi with given passkey accuracies {(length, alpha): acc}."""
+    """An experiments.alibi_pi result line with passkey accuracies {(length, alpha): accuracy}."""
     evals = [{"length": L, "position_interpolation": pi, "loss": 3.0 + 0.1 * pi + 0.01 * seed}
              for L in lengths for pi in (False, True)]
     ret = [{"length": L, "alpha": a, "accuracy": acc.get((L, a), 0.0), "n": n}

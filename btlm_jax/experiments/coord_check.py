@@ -66,7 +66,8 @@ def run_width(cfg, width: int, parametrization: str, steps: int, tokens) -> list
     c = _width_config(cfg, width, parametrization)
     model = BTLM(c.model)
     # one compiled init instead of hundreds of eagerly compiled small ops
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(c.seed), tokens[:, :-1])["params"])
+    variables = jax.jit(model.init)(jax.random.PRNGKey(c.seed), tokens[:, :-1])
+    params = nn.meta.unbox(variables["params"])
     tx, _ = optim.build(c, steps)
     opt_state = jax.jit(tx.init)(params)
 
@@ -119,6 +120,18 @@ def slopes(results: dict, step: int = -1) -> dict[str, dict[str, float]]:
         for layer in layers:
             y = np.log([by_width[w][step][layer] for w in widths])
             out[p][layer] = float(np.polyfit(x, y, 1)[0])
+    return out
+
+
+def slope_lines(sl: dict[str, dict[str, float]]) -> list[str]:
+    """One line per parametrisation: every layer's slope (in model order) and the largest."""
+    out = []
+    for p, by_layer in sl.items():
+        worst = max(by_layer.items(), key=lambda kv: abs(kv[1]))
+        out.append(f"  {p:4s} " + " ".join(f"{k}={v:+.2f}" for k, v in
+                                          sorted(by_layer.items(),
+                                                 key=lambda kv: _layer_order(kv[0])))
+                   + f"   (largest |slope|: {worst[0]} {worst[1]:+.2f})")
     return out
 
 
@@ -178,11 +191,7 @@ def main(argv) -> None:
     with open(os.path.join(f.out, "coord_check.json"), "w") as fh:
         json.dump({"widths": widths, "results": results, "slopes_last_step": sl}, fh, indent=1)
     print("slope of log mean|x| vs log width at the last step (0 = width independent):")
-    for p, by_layer in sl.items():
-        worst = max(by_layer.items(), key=lambda kv: abs(kv[1]))
-        print(f"  {p:4s} " + " ".join(f"{k}={v:+.2f}" for k, v in
-                                      sorted(by_layer.items(), key=lambda kv: _layer_order(kv[0])))
-              + f"   (largest |slope|: {worst[0]} {worst[1]:+.2f})")
+    print("\n".join(slope_lines(sl)))
     print("wrote", os.path.join(f.out, "coord_check.png"), "and coord_check.json")
     if any(not math.isfinite(v) for by_layer in sl.values() for v in by_layer.values()):
         raise SystemExit("non-finite activations: lower optim.peak_lr")

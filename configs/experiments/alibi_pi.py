@@ -11,9 +11,9 @@ lie inside one held-out document (the experiment re-splits the text into documen
 8 x 1024 characters: ``experiments.alibi_pi:prepare``), and on 64 passkey examples per length
 (the key more than L_train tokens before the question beyond 1x). Half of the training rows
 are passkey documents (``--passkey-frac``; at a quarter these models never learn to retrieve at
-L_train, so the retrieval comparison would have nothing to test). Seeds 0, 1, 2 (``--seeds``). ``--scale S``
-multiplies the widths, the layer counts, the steps and the training length (rounded to a power of
-two); ``--train-len N`` (config argument ``train_len=N``) sets the training length directly.
+L_train, so the retrieval comparison would have nothing to test). Seeds 0, 1, 2 (``--seeds``).
+``--scale S`` multiplies the widths, the layer counts, the steps and the training length
+(rounded to a power of two); ``--train-len N`` (config argument ``train_len=N``) sets the training length directly.
 """
 
 import math
