@@ -1,8 +1,17 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so tests can import configs/*.py presets
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Many tests (and the subprocesses they start, which inherit this environment) compile the same
+# small programs: JAX's persistent compilation cache lets every compile after the first load the
+# executable instead (the key covers the HLO, the compile options, the flags and the jax
+# version, so a stale entry is never used). Set JAX_COMPILATION_CACHE_DIR to choose the folder.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(tempfile.gettempdir()) / f"btlm_jax_tests_xla_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
