@@ -126,7 +126,7 @@ def test_task_files_round_trip_with_their_command(tmp_path):
     assert listed == [t]
     cmd = t.to_json()["command"]
     assert cmd[1:3] == ["-m", "btlm_jax.main"] and cmd[-1] == f"--workdir={t.workdir}"
-    assert cmd[3] == f"--config={ROOT / 'configs' / 'btlm.py'}:tiny"
+    assert cmd[3] == f"--config={ROOT / 'btlm_jax' / 'presets.py'}:tiny"  # the default preset
     assert "--config.optim.peak_lr=1.0" in cmd
     with pytest.raises(SweepError, match="unknown field"):
         Task.from_json({"name": "x", "workdir": "y", "preset": "tiny"})
