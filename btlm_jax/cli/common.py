@@ -64,7 +64,8 @@ def _flag_line(f) -> str:
     elif f.default in (None, "", [], False) or f.boolean and not f.default:
         default = ""
     else:
-        default = f" (default: {f.default_as_str.strip(chr(39)) if f.default_as_str else f.default})"
+        shown = f.default_as_str.strip("'") if f.default_as_str else f.default
+        default = f" (default: {shown})"
     text = re.sub(r"^<[^>]*>: ", "", f.help)  # absl's additions to enum and multi flags
     text = re.sub(r";\s*repeat this option to specify a list of values$", "", text)
     body = textwrap.fill(f"{text}{default}", 100, initial_indent=" " * 6,

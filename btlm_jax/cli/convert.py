@@ -14,7 +14,6 @@ from absl import flags
 
 from btlm_jax import errors
 from btlm_jax.cli.common import run_app
-from btlm_jax.convert.workdir import export_checkpoint, import_checkpoint
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: Hugging Face checkpoint directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (import: created; export: read).")
@@ -34,6 +33,7 @@ errors.define_verbose_flag()
 @errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
     from btlm_jax.convert.hf import ConversionError
+    from btlm_jax.convert.workdir import export_checkpoint, import_checkpoint
 
     if len(argv) != 2 or argv[1] not in ("import", "export"):
         got = f"got {' '.join(argv[1:])!r}" if len(argv) > 1 else "got none"

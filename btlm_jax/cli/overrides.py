@@ -1,10 +1,12 @@
-"""Config overrides, parsed exactly as ``python -m btlm_jax.main`` parses them.
+"""Config overrides and ``--config`` itself, parsed exactly as ``btlm-train`` parses them.
 
-A sweep cell is ``--config=PRESET`` or ``--config=FILE[:ARG]`` plus ``--config.KEY=VALUE`` strings. They are parsed by
-an ``absl`` ``FlagValues`` holding the same ``ml_collections`` config-file flag that
-``btlm_jax.main`` defines (``DEFINE_config_file`` with ``lock_config=True``; the definition is
-:func:`define_config_flag`), so a cell parses here to the same config the training command sees. Tasks keep their overrides as a dict of typed
-values (JSON, for the results table); :func:`override_args` turns them into flag strings.
+``--config`` is a preset name (``tiny``, ``3b_8k``: :mod:`btlm_jax.presets`, from any directory)
+or a config file ``FILE.py[:ARG]`` (:func:`resolve_config`). A sweep cell is ``--config=...``
+plus ``--config.KEY=VALUE`` strings. They are parsed by an ``absl`` ``FlagValues`` holding the
+same ``ml_collections`` config-file flag that ``btlm_jax.main`` defines (:func:`define_config_flag`:
+``DEFINE_config_file``'s flag, locked, with the resolving parser), so a cell parses here to the
+same config the training command sees. Tasks keep their overrides as a dict of typed values
+(JSON, for the results table); :func:`override_args` turns them into flag strings.
 """
 
 from __future__ import annotations
