@@ -40,12 +40,28 @@ class LoadedModel:
     """A model, its parameters and tokenizer, ready for logits and generation."""
 
     def __init__(self, cfg, model, params, tokenizer=None, step: int = 0, mesh=None,
-                 source: str = "", rules=None):
+                 source: str = "", rules=None, dequantize=None):
         self.cfg, self.model, self.params = cfg, model, params
         self.tokenizer, self.step, self.mesh, self.source = tokenizer, int(step), mesh, source
         self.rules = rules  # logical axis rules of the run's mesh (activation constraints)
+        # weight-only quantisation (:meth:`quantized`): stored params -> float tree, in the jit
+        self.dequantize = dequantize
         self._logits_fn = None
         self._generator = None
+
+    def quantized(self, fmt: str, group_size: int = 128) -> "LoadedModel":
+        """This model with weight-only quantised parameters (``int8`` per output channel,
+        ``int4`` in groups of ``group_size`` inputs; :mod:`btlm_jax.models.quant`), dequantised
+        inside the compiled logits and decode steps. ``"none"`` returns ``self``."""
+        if fmt in (None, "", "none"):
+            return self
+        import jax
+
+        from btlm_jax.models import quant
+
+        params = jax.jit(lambda p: quant.quantize_params(p, fmt, group_size))(self.params)
+        return LoadedModel(self.cfg, self.model, params, self.tokenizer, self.step, self.mesh,
+                           self.source, self.rules, dequantize=quant.dequantize_params)
 
     def __repr__(self):
         m = self.cfg.model
@@ -92,9 +108,9 @@ class LoadedModel:
             raise ValueError(f"ids: {arr.shape[1]} tokens exceed model.max_seq_len="
                              f"{m.max_seq_len} (learned positions)")
         if self._logits_fn is None:
-            model = self.model
+            model, deq = self.model, self.dequantize or (lambda p: p)
             self._logits_fn = jax.jit(
-                lambda p, t, s: model.apply({"params": p}, t, alibi_scale=s))
+                lambda p, t, s: model.apply({"params": deq(p)}, t, alibi_scale=s))
         with self._context():
             out = self._logits_fn(self.params, jnp.asarray(arr, jnp.int32), jnp.float32(alibi_scale))
         out = np.asarray(jax.device_get(out), np.float32)
@@ -132,7 +148,7 @@ class LoadedModel:
         sc.check()
         eos = tok.eos_id if (tok is not None and stop_at_eos) else None
         if self._generator is None:
-            self._generator = Generator(self.model, self.params)
+            self._generator = Generator(self.model, self.params, dequantize=self.dequantize)
         from btlm_jax.models.alibi import dynamic_train_len
 
         if dynamic_train_len(self.cfg.model):  # one batch per prompt length
@@ -167,8 +183,9 @@ def load_model(path, step: int | None = None, *, dtype: str | None = None) -> Lo
     """A :class:`LoadedModel` from a run directory or a Hugging Face checkpoint folder.
 
     ``step`` picks a run directory's checkpoint (default: the latest). ``dtype`` (``float32`` or
-    ``bfloat16``) sets a Hugging Face folder's parameter and compute dtype (default: float32;
-    bfloat16 halves the memory of the published 3B model to about 5.3 GB).
+    ``bfloat16``) sets the parameter and compute dtype (default: a Hugging Face folder's float32,
+    a run's own ``model.param_dtype`` / ``model.dtype``; bfloat16 halves the memory of the
+    published 3B model to about 5.3 GB). A run's parameters are restored as trained, then cast.
     """
     p = Path(path)
     if not p.exists():
@@ -177,17 +194,37 @@ def load_model(path, step: int | None = None, *, dtype: str | None = None) -> Lo
     if _is_hf_folder(p):
         return _load_hf_folder(p, dtype)
     if (p / "config.json").is_file():
-        if dtype is not None:
-            raise LoadError(f"dtype={dtype!r} applies to Hugging Face folders; {path} is a run "
-                            "directory (its model.param_dtype is used)")
+        _check_dtype(dtype)
         from btlm_jax.eval.session import load_run
 
         run = load_run(p, step)
         program = getattr(run, "program", None)
-        return LoadedModel(run.cfg, run.model, run.params, run.tokenizer, run.step,
-                           getattr(run, "mesh", None), str(p), getattr(program, "rules", None))
+        lm = LoadedModel(run.cfg, run.model, run.params, run.tokenizer, run.step,
+                         getattr(run, "mesh", None), str(p), getattr(program, "rules", None))
+        return _cast(lm, dtype) if dtype is not None else lm
     raise LoadError(f"{path} has no config.json: give a run directory (python -m btlm_jax.main / "
                     "python -m btlm_jax.convert import) or a Hugging Face checkpoint folder")
+
+
+def _check_dtype(dtype) -> None:
+    if dtype is not None and dtype not in ("float32", "bfloat16"):
+        raise LoadError(f"dtype={dtype!r}: must be float32 or bfloat16")
+
+
+def _cast(lm: LoadedModel, dtype: str) -> LoadedModel:
+    """``lm`` with its floating parameters cast to ``dtype`` (kept on their shardings) and the
+    model computing in ``dtype``."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(lm.cfg.to_dict())
+    cfg.model.param_dtype = cfg.model.dtype = dtype
+    target = jnp.dtype(dtype)
+    params = jax.tree_util.tree_map(
+        lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, lm.params)
+    return LoadedModel(cfg, lm.model.clone(cfg=cfg.model), params, lm.tokenizer, lm.step,
+                       lm.mesh, lm.source, lm.rules)
 
 
 def _load_hf_folder(p: Path, dtype: str | None) -> LoadedModel:
@@ -197,9 +234,8 @@ def _load_hf_folder(p: Path, dtype: str | None) -> LoadedModel:
     from btlm_jax.models.btlm import BTLM
 
     base = default_config()
+    _check_dtype(dtype)
     if dtype is not None:
-        if dtype not in ("float32", "bfloat16"):
-            raise LoadError(f"dtype={dtype!r}: must be float32 or bfloat16")
         base.model.param_dtype = base.model.dtype = dtype
     cfg, params, _ = hf.load_hf(p, base)
     try:

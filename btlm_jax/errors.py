@@ -1,7 +1,9 @@
 """User errors at the command line: one ``error: ...`` line, exit status 2.
 
-Every entry point (``main``, ``evaluate``, ``generate``, ``convert``, ``describe``, ``dedup``) runs
-under :func:`cli` (or the :func:`entry_point` decorator). An error the user can cause and fix (a
+Every entry point (``main``, ``evaluate``, ``generate``, ``convert``, ``describe``, ``harness``,
+``dedup``, the sweeps) runs under :func:`cli` (or the :func:`entry_point` decorator); absl's flag
+errors (an unknown flag, a bad value, a misspelt preset) become user errors in
+:func:`btlm_jax.cli.common.parse_flags`. An error the user can cause and fix (a
 config mistake, missing data or tokenizer, an impossible mesh, a corrupt or foreign checkpoint, a
 busy workdir, a diverged run, a full disk, a read-only or misplaced directory) prints one line
 naming the culprit and what to do, and exits 2. Anything else is a bug and keeps its traceback.
@@ -21,6 +23,10 @@ import traceback
 
 VERBOSE_ENV = "BTLM_VERBOSE"
 EXIT_USER_ERROR = 2
+# a run stopped by SIGTERM / Ctrl-C after saving a checkpoint: sysexits.h EX_TEMPFAIL ("a
+# temporary failure; try again later"), the status a launcher requeues on (SLURM: RequeueExit=75
+# in slurm.conf, or launch/slurm_gpu.sbatch's own requeue); 0 would read as "finished"
+EXIT_PREEMPTED = 75
 
 
 class UserError(Exception):

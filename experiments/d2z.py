@@ -253,6 +253,24 @@ def plot(results: Sequence[dict], summary: dict, curves: Sequence[dict], fig_dir
     return paths
 
 
+def _slope_line(summary: dict, pc: str) -> str:
+    """The margin-vs-TPP slope, or why there is none (one TPP value; too few points)."""
+    sl = summary["margin_slope_vs_ln_tpp"]
+    sizes = [t for t in summary["tpp"]
+             if "linear_10x" in summary["per_tpp"][str(t)]["margins"]]
+    head = "margin over linear_10x vs ln(TPP):"
+    tail = f" -> margin grows with TPP: {summary['margin_grows']}"
+    if not math.isfinite(sl["slope"]):
+        got = ", ".join(f"{t:g}" for t in sizes) or "none"
+        return (f"{head} no slope: it needs D2Z and linear_10x at two or more TPP values "
+                f"(this grid has {len(sizes)}: {got}; give --tpp with several sizes){tail}")
+    if not (math.isfinite(sl["lo"]) and math.isfinite(sl["hi"])):
+        return (f"{head} slope {sl['slope']:+.5f} per e-fold from {sl['n']} points, no interval "
+                f"(it needs three or more: more seeds or TPP values){tail}")
+    return (f"{head} slope {sl['slope']:+.5f} per e-fold, {pc} CI [{sl['lo']:+.5f}, "
+            f"{sl['hi']:+.5f}] (n={sl['n']}){tail}")
+
+
 def report(summary: dict) -> str:
     pc = f"{100 * summary['conf']:.0f}%"
     lines = []
@@ -271,10 +289,7 @@ def report(summary: dict) -> str:
                          f"{stats.verdict(m['lo'], m['hi'])}")
         if "d2z_lowest" in e:
             lines.append(f"  D2Z lowest of all schedules at {tpp:g} TPP: {e['d2z_lowest']}")
-    sl = summary["margin_slope_vs_ln_tpp"]
-    lines.append(f"margin over linear_10x vs ln(TPP): slope {sl['slope']:+.5f} per e-fold, {pc} CI "
-                 f"[{sl['lo']:+.5f}, {sl['hi']:+.5f}] (n={sl['n']}) -> margin grows with TPP: "
-                 f"{summary['margin_grows']}")
+    lines.append(_slope_line(summary, pc))
     for tpp, c in summary["compute_saved"].items():
         if c["x"]:
             lines.append(f"  linear_10x reaches D2Z's {float(tpp):g}-TPP loss at {c['x']:.3g} TPP "

@@ -2,21 +2,24 @@
 # Several JAX processes on this machine, each with its own fake CPU devices, joined by
 # jax.distributed on localhost: the multi-host code path without a cluster (for testing).
 #
-#   launch/multiprocess_cpu.sh NUM_PROCESSES DEVICES_PER_PROCESS [btlm_jax.main flags...]
-#   launch/multiprocess_cpu.sh 2 4 --config=configs/btlm.py:tiny --workdir=runs/mp
+#   launch/multiprocess_cpu.sh NUM_PROCESSES DEVICES_PER_PROCESS [btlm-train flags...]
+#   launch/multiprocess_cpu.sh 2 4 --config=tiny --workdir=runs/mp
 #
-# Env: PYTHON (default python), BTLM_PORT (coordinator port, default random),
-# BTLM_MODULE (default btlm_jax.main), BTLM_HEARTBEAT_TIMEOUT (seconds before a dead process is
-# noticed; see btlm_jax/parallel/distributed.py). Output lines are prefixed with [pI].
+# Env: PYTHON (default: the repository's .venv/bin/python, else python3; launch/python.sh),
+# BTLM_PORT (coordinator port, default random), BTLM_MODULE (default btlm_jax.main),
+# BTLM_HEARTBEAT_TIMEOUT (seconds before a dead process is noticed; see
+# btlm_jax/parallel/distributed.py). Output lines are prefixed with [pI].
 # SIGTERM/SIGINT to this script are forwarded to every process (they agree on a step, save a
-# checkpoint there and exit 0). Exit status: 0 if every process succeeded, else the first
-# non-zero status.
+# checkpoint there and exit 75, "preempted: rerun to resume"). Exit status: 0 if every process
+# succeeded, else the first non-zero status (75 after a preemption).
 set -u
 if [ $# -lt 2 ]; then
   sed -n '2,14p' "$0"; exit 2
 fi
 N=$1; D=$2; shift 2
-PY=${PYTHON:-python}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+. "$REPO/launch/python.sh"
+btlm_python "$REPO"
 PORT=${BTLM_PORT:-$((20000 + RANDOM % 20000))}
 MODULE=${BTLM_MODULE:-btlm_jax.main}
 pids=()

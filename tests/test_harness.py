@@ -365,8 +365,10 @@ def test_cli_json_last_line_and_errors(handle, tmp_path, monkeypatch, capsys):
     res = json.loads(out[-1])
     assert set(res["samples"]) == {"local_mc"} and len(res["samples"]["local_mc"]) == 3
     assert "acc,none" in res["results"]["local_mc"]
-    assert list((tmp_path / "out").rglob("results_*.json"))
-    assert list((tmp_path / "out").rglob("samples_local_mc_*.jsonl"))
+    # lm_eval's layout: OUT/<model folder name>/ (not OUT/None/)
+    assert [p.parent.name for p in (tmp_path / "out").rglob("results_*.json")] == ["ignored"]
+    assert [p.parent.name for p in (tmp_path / "out").rglob("samples_local_mc_*.jsonl")] == \
+        ["ignored"]
     # an unknown task: one line naming it (the built-in index, 10 s to build, stood in for
     # by the include directory's own index)
     from lm_eval.tasks import TaskManager

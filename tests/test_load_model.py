@@ -480,3 +480,63 @@ def test_effective_slopes_semantics():
     m.alibi_scaling, m.alibi_slopes = 1.0, carried[:4]
     with pytest.raises(ConfigError, match="model.alibi_slopes has 4 values: give 6"):
         validate(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# a run directory imported from the published format with a dynamic alibi_scaling (issues 28, 30)
+
+
+@pytest.fixture(scope="module")
+def dynamic_run(tmp_path_factory):
+    """The published layout with ``alibi_scaling: {"train_seq_len": 8}``, imported in process
+    into a run directory: (reference tensors, config.json, the folder holding hf/ and run/)."""
+    from btlm_jax.convert.workdir import import_checkpoint
+
+    d = tmp_path_factory.mktemp("dynamic")
+    t = write_published_btlm(d / "hf", "mup_", {"type": "linear", "train_seq_len": 8})
+    c = json.loads((d / "hf" / "config.json").read_text())
+    import_checkpoint(str(d / "hf"), str(d / "run"))
+    return t, c, d
+
+
+def test_generate_cli_decodes_mixed_prompt_lengths_with_their_own_key_counts(dynamic_run):
+    """`btlm-generate` with a 3-token and a 9-token prompt: batched together, the short prompt's
+    left padding would count as keys and switch the dynamic scaling on (3 + 6 <= 8 keys of its
+    own, 9 + 6 in the batch). Each greedy continuation must equal the float64 reference's."""
+    t, c, d = dynamic_run
+    tok = T.load_tokenizer(d / "hf")
+    ids = tok.encode(TEXTS[1])
+    prompts = [tok.decode(ids[:3]), tok.decode(ids[:9])]
+    enc = [tok.encode(p) for p in prompts]
+    assert [len(e) for e in enc] == [3, 9]
+    r = subprocess.run([sys.executable, "-m", "btlm_jax.generate", f"--workdir={d / 'run'}",
+                        *[f"--prompt={p}" for p in prompts], "--max_new_tokens=6",
+                        "--temperature=0", "--json"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    gens = json.loads(r.stdout.strip().splitlines()[-1])["generations"]
+    for g, e in zip(gens, enc):
+        want = reference_greedy(t, c, e, 6)
+        if tok.eos_id in want:  # generation stops after the end-of-text token
+            want = want[:want.index(tok.eos_id) + 1]
+        assert g["tokens"] == want, (g["prompt"], g["tokens"], want)
+
+
+def test_load_model_casts_a_run_directory_to_bfloat16(dynamic_run):
+    import jax
+
+    import btlm_jax
+    from btlm_jax.api import LoadError
+
+    t, c, d = dynamic_run
+    lm16 = btlm_jax.load_model(d / "run", dtype="bfloat16")
+    assert lm16.cfg.model.dtype == lm16.cfg.model.param_dtype == "bfloat16"
+    assert {x.dtype.name for x in jax.tree_util.tree_leaves(lm16.params)} == {"bfloat16"}
+    ids = T.load_tokenizer(d / "hf").encode(TEXTS[0])[:12]
+    ref = reference_logits(t, c, np.array([ids]))  # 12 keys: the dynamic scaling acts
+    err = np.abs(lm16.logits([ids]) - ref).max()
+    assert err < 0.05 * np.abs(ref).max(), err
+    # the float32 run is within 1e-4 of the reference, bf16 is not (it is a different model)
+    assert err > 1e-4 * np.abs(ref).max()
+    with pytest.raises(LoadError, match="float16"):
+        btlm_jax.load_model(d / "run", dtype="float16")

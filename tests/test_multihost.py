@@ -5,8 +5,8 @@ The reference is one uninterrupted 2-process x 4-device run of the tiny model (3
 checkpoints every 5). Against it, step for step:
 
 * preemption and a crash on 2 processes: SIGTERM to process 1 only -> both processes save at the
-  same step and exit 0; the rerun is then SIGKILLed as a whole job mid-run; the second rerun
-  completes. Every logged loss equals the reference's;
+  same step and exit 75 (resumable); the rerun is then SIGKILLed as a whole job mid-run; the
+  second rerun completes. Every logged loss equals the reference's;
 * elastic resume: the reference's checkpoint at step 15 resumed on 1 process x 8 devices gives the
   reference's later losses;
 * accounting: the summed ``tokens/<source>`` (loss-masked target tokens per source, counted inside
@@ -191,15 +191,16 @@ def test_sigterm_one_process_then_sigkill_job_then_resume(reference, cache_dir, 
     _, ref = reference
     wd = tmp_path / "crash"
     over = _over(cache_dir)
-    # 1. SIGTERM to the non-coordinator process only: both stop at one step, save, exit 0.
+    # 1. SIGTERM to the non-coordinator process only: both stop at one step, save, exit 75
+    # (errors.EXIT_PREEMPTED: resumable, requeue).
     procs = _start(wd, over)
     _wait_for_step(wd, 3, procs)
     procs[1].send_signal(signal.SIGTERM)
     t0 = time.time()
     rcs = _wait(procs, timeout=120)
-    assert rcs == [0, 0], [_output(p) for p in procs]
+    assert rcs == [75, 75], [_output(p) for p in procs]
     stopped = _records(wd)[-1]["step"]
-    print(f"SIGTERM to process 1: both exited 0 after {time.time() - t0:.1f} s at step {stopped}")
+    print(f"SIGTERM to process 1: both exited 75 after {time.time() - t0:.1f} s at step {stopped}")
     assert stopped < STEPS and _checkpoints(wd)[-1] == stopped, (stopped, _checkpoints(wd))
     for p in procs:
         assert f"saved a checkpoint at step {stopped}" in _output(p), _output(p)

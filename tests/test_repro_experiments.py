@@ -227,3 +227,24 @@ def test_alibi_retrieval_verdict_rules_out_a_gain_when_every_seed_scores_zero():
     # not learned at L_train: nothing to extrapolate, whatever happens beyond
     s = alibi_pi.summarize([_alibi_run(i, {}) for i in range(3)])
     assert s["retrieval_claim"] == "inconclusive"
+
+
+def test_d2z_report_says_a_slope_needs_two_sizes():
+    """One TPP value (as the smoke grid runs): the report says why there is no slope instead of
+    printing `slope +nan`; two sizes with one seed each: a slope without an interval."""
+    from experiments import d2z
+
+    def results(tpps, seeds):
+        return [{"name": f"{t}-{s}-{lr}-{k}", "status": "ok", "final": {"eval_loss": loss},
+                 "meta": {"tpp": t, "schedule": s, "peak_lr": lr, "seed": k}}
+                for t in tpps for s in ("d2z", "linear_10x") for lr in (1e-3, 1e-2)
+                for k in seeds
+                for loss in [4.0 + 0.1 * (s == "linear_10x") + lr + 0.01 * k - 0.05 * t]]
+
+    text = d2z.report(d2z.summarize(results([8.0], [0, 1])))
+    line = next(ln for ln in text.splitlines() if "vs ln(TPP)" in ln)
+    assert "nan" not in text and "no slope" in line and "two or more TPP values" in line, line
+    assert "this grid has 1: 8" in line and line.endswith("margin grows with TPP: inconclusive")
+    text = d2z.report(d2z.summarize(results([2.0, 8.0], [0])))
+    line = next(ln for ln in text.splitlines() if "vs ln(TPP)" in ln)
+    assert "nan" not in line and "no interval" in line and "from 2 points" in line, line

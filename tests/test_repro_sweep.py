@@ -126,7 +126,7 @@ def test_task_files_round_trip_with_their_command(tmp_path):
     assert listed == [t]
     cmd = t.to_json()["command"]
     assert cmd[1:3] == ["-m", "btlm_jax.main"] and cmd[-1] == f"--workdir={t.workdir}"
-    assert cmd[3] == f"--config={ROOT / 'configs' / 'btlm.py'}:tiny"
+    assert cmd[3] == f"--config={ROOT / 'btlm_jax' / 'presets.py'}:tiny"  # the default preset
     assert "--config.optim.peak_lr=1.0" in cmd
     with pytest.raises(SweepError, match="unknown field"):
         Task.from_json({"name": "x", "workdir": "y", "preset": "tiny"})
@@ -225,9 +225,11 @@ def test_cli_grid_plans_typed_tasks_and_names_a_bad_key(tmp_path):
 
     args = argparse.Namespace(out=str(tmp_path / "s"), config="configs/btlm.py:tiny",
                               grid=["optim.peak_lr=1e-3,1e-2", "optim.schedule=d2z,wsd"])
-    tasks = cli._grid_tasks(args, ["--config.train.steps=5"])
+    # (every cell must pass the run's start checks: tiny's 20 warmup steps exceed 5)
+    tasks = cli._grid_tasks(args, ["--config.train.steps=5", "--config.optim.warmup_steps=1"])
     assert len(tasks) == 4 and tasks[0].overrides == {
-        "train.steps": 5, "optim.peak_lr": 1e-3, "optim.schedule": "d2z"}
+        "train.steps": 5, "optim.warmup_steps": 1, "optim.peak_lr": 1e-3,
+        "optim.schedule": "d2z"}
     assert tasks[1].name == "peak_lr=0.001,schedule=wsd"
     proc = subprocess.run(
         [sys.executable, "-m", "launch.sweep", "grid", "--out", str(tmp_path / "t"),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from btlm_jax import errors
 from btlm_jax.config import ConfigError
 from btlm_jax.train.loop import train
 from tests import helpers
@@ -96,10 +97,18 @@ def test_resume_after_sigkill_and_sigterm_equals_uninterrupted(cache_dir, tmp_pa
     _wait_for_step(p, run_dir, 22)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out
+    # the launcher convention: a saved, resumable stop is "try again" (EX_TEMPFAIL), not done
+    assert p.returncode == errors.EXIT_PREEMPTED == 75, out
     assert "SIGTERM received: saved a checkpoint" in out
     termed_at = read_metrics(run_dir)[-1]["step"]
     assert termed_at < 30
+    # the last line: where it stopped, the checkpoint it saved and the command that resumes it
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"preempted at step {termed_at} of 30: saved checkpoint "
+                           f"{run_dir / 'checkpoints' / str(termed_at)}; resume with: "
+                           "python -m btlm_jax.main --config=configs/btlm.py:tiny "
+                           f"--workdir={run_dir} "), last
+    assert (run_dir / "checkpoints" / str(termed_at)).is_dir()
 
     p = _spawn(run_dir, cache_dir, cli)
     out, _ = p.communicate(timeout=300)

@@ -13,7 +13,10 @@ btlm-dedup         btlm_jax.data.dedup              SlimPajama-style MinHash-LSH
 btlm-sweep         launch.sweep                     grids of runs (local or SLURM)
 =================  ===============================  =========================================
 
-Each reads ml-collections configs with ``--config=FILE[:PRESET]`` and ``--config.KEY=VALUE``
-overrides (the same parser as sweeps: :mod:`btlm_jax.cli.overrides`), and prints user
-errors as one ``error: ...`` line (``--verbose`` for the traceback; :mod:`btlm_jax.errors`).
+Each reads ml-collections configs with ``--config=PRESET`` (from any directory:
+:mod:`btlm_jax.presets`) or ``--config=FILE.py[:ARG]``, and ``--config.KEY=VALUE`` overrides (the
+same parser as sweeps: :mod:`btlm_jax.cli.overrides`); ``--help`` lists the command's own flags
+(:mod:`btlm_jax.cli.common`); user errors, flag mistakes included, are one ``error: ...`` line and
+exit status 2 (``--verbose`` for the traceback; :mod:`btlm_jax.errors`). ``btlm-train`` exits 75
+when preempted after saving a checkpoint (:data:`btlm_jax.errors.EXIT_PREEMPTED`).
 """

@@ -1,14 +1,19 @@
-"""``btlm-convert`` / ``python -m btlm_jax.convert import|export ...`` (see :mod:`btlm_jax.convert`)."""
+"""Hugging Face checkpoints <-> run directories.
+
+    btlm-convert import --hf_dir=DIR --workdir=RUN [--tokenizer=PATH]
+    btlm-convert export --workdir=RUN --out=DIR [--layout=btlm|gpt2] [--dtype=bfloat16]
+    (= python -m btlm_jax.convert ...; see btlm_jax/convert/)
+
+import reads safetensors or PyTorch .bin (BTLM or GPT-2 / Cerebras-GPT layout) into a new run
+directory; export writes a run's checkpoint as config.json + model.safetensors + tokenizer files.
+"""
 
 from __future__ import annotations
 
-import sys
-
-from absl import flags, logging
+from absl import flags
 
 from btlm_jax import errors
 from btlm_jax.cli.common import run_app
-from btlm_jax.convert.workdir import export_checkpoint, import_checkpoint
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: Hugging Face checkpoint directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (import: created; export: read).")
@@ -23,18 +28,17 @@ _STEP = flags.DEFINE_integer("step", -1, "export: checkpoint step (-1: latest)."
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "export: write into a non-empty --out.")
 errors.define_verbose_flag()
 
-USAGE = ("usage: python -m btlm_jax.convert import --hf_dir=DIR --workdir=RUN [--tokenizer=PATH]\n"
-         "       python -m btlm_jax.convert export --workdir=RUN --out=DIR [--layout=btlm|gpt2]")
 
 
 @errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
     from btlm_jax.convert.hf import ConversionError
+    from btlm_jax.convert.workdir import export_checkpoint, import_checkpoint
 
-    logging.set_verbosity(logging.WARNING)
     if len(argv) != 2 or argv[1] not in ("import", "export"):
-        print(USAGE, file=sys.stderr)
-        sys.exit(2)
+        got = f"got {' '.join(argv[1:])!r}" if len(argv) > 1 else "got none"
+        raise errors.UserError(f"give one command, import or export ({got}); see "
+                               "btlm-convert --help")
     if argv[1] == "import":
         if not _HF_DIR.value or not _WORKDIR.value:
             raise ConversionError("import needs --hf_dir and --workdir")
@@ -51,7 +55,7 @@ def main(argv):
 
 
 def run():
-    run_app(main)
+    run_app(main, prog="btlm-convert")
 
 
 if __name__ == "__main__":

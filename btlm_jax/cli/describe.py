@@ -1,8 +1,11 @@
-"""``btlm-describe`` / ``python -m btlm_jax.describe --config=configs/btlm.py:3b_8k``.
+"""describe a config without allocating it: parameters, FLOPs, memory.
 
-Prints the exact parameter count (from ``jax.eval_shape``), training FLOPs per token, and the bytes
-of parameters and optimizer state; ``--mesh`` also compiles the train step ahead of time and
-prints per-device memory. ``--json`` prints the same as one JSON object on the last line.
+    btlm-describe --config=3b_8k [--json]           (= python -m btlm_jax.describe ...)
+    btlm-describe --config=3b_8k --mesh=1,8,1 --fake_devices=8 --seq_len=8192 --batch_size=8
+
+Prints the exact parameter count (from jax.eval_shape), training FLOPs per token, and the bytes of
+parameters and optimizer state; --mesh also compiles the train step ahead of time and prints
+per-device memory. --json prints the same as one JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def _attention_advice(cfg, seq_len: int) -> str:
 
 
 def run():
-    run_app(main)
+    run_app(main, prog="btlm-describe")
 
 
 if __name__ == "__main__":

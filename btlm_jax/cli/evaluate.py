@@ -1,13 +1,15 @@
-"""Evaluate a run: ``python -m btlm_jax.evaluate --workdir=DIR [--data=GLOB]
-[--lengths=2048,4096,8192] [--position_interpolation=off|on|both] [--quantize=none|int8|int4]
-[--json]``.
+"""evaluate a run: loss and perplexity per length, per source and per position.
+
+    btlm-evaluate --workdir=RUN [--data=GLOB] [--lengths=2048,4096,8192]
+        [--position_interpolation=off|on|both] [--quantize=none|int8|int4] [--json]
+    (= python -m btlm_jax.evaluate ...)
 
 Prints loss and perplexity per evaluation length and position-interpolation setting, per source,
 and the loss per position averaged in buckets (so extrapolation beyond the training length is
 visible). Writes one loss-against-position PNG per length and setting, and all results (with the
-full per-position curves) to ``WORKDIR/eval/``. With ``--json`` the last line printed is
-``{"results": [{"length": L, "position_interpolation": bool, "loss": x, "per_source": {...},
-...}, ...]}``.
+full per-position curves) to RUN/eval/. With --json the last line printed is
+{"results": [{"length": L, "position_interpolation": bool, "loss": x, "per_source": {...},
+...}, ...]}.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def _read_only(path: Path) -> bool:
 
 
 def run():
-    run_app(main, "workdir")
+    run_app(main, "workdir", prog="btlm-evaluate")
 
 
 if __name__ == "__main__":

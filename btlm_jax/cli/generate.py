@@ -1,10 +1,15 @@
-"""Sample from a run: ``python -m btlm_jax.generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...]
-[--max_new_tokens=64 --temperature=0.8 --top_k=40 --top_p=0.95 --seed=0] [--quantize=int4]``.
+"""sample from a run (KV-cache decoding).
 
-All prompts are decoded together as one batch with a KV cache (see
-:mod:`btlm_jax.eval.sampling`); ``--temperature=0`` is greedy decoding. With
-``--position_interpolation`` the ALiBi slopes are divided by (prompt + new tokens) / L_train when
-that exceeds the training length. ``--json`` prints one JSON object on the last line.
+    btlm-generate --workdir=RUN --prompt=TEXT [--prompt=TEXT ...] [--max_new_tokens=64
+        --temperature=0.8 --top_k=40 --top_p=0.95 --seed=0] [--quantize=int4] [--json]
+    (= python -m btlm_jax.generate ...)
+
+Decodes the prompts with a KV cache, as btlm_jax.load_model(RUN).generate does (the same code
+path): prompts are batched together, or with a dynamic ALiBi scaling
+(model.alibi_scaling_train_seq_len) batched by length, so each prompt's key count and slopes are
+its own. --temperature=0 is greedy decoding. With --position_interpolation the ALiBi slopes are
+divided by (prompt + new tokens) / L_train when that exceeds the training length. --json prints
+one JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -38,46 +43,39 @@ errors.define_verbose_flag()
 @errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
     start(argv)
-    import jax
-
-    from btlm_jax.models import quant
+    from btlm_jax.api import load_model
     from btlm_jax.eval.perplexity import pi_scale, train_length
-    from btlm_jax.eval.sampling import Generator, SamplingConfig
-    from btlm_jax.eval.session import load_run
+    from btlm_jax.eval.sampling import SamplingConfig
 
     prompts = list(_PROMPT.value)
     if _PROMPT_FILE.value:
         with open(_PROMPT_FILE.value, encoding="utf-8") as f:
             prompts += [ln.rstrip("\n") for ln in f if ln.strip()]
     if not prompts:
-        print("error: give at least one --prompt (or --prompt_file)", file=sys.stderr)
-        sys.exit(2)
+        raise errors.UserError("give at least one --prompt (or --prompt_file)")
     sc = SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMP.value,
                         top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
-    sc.check()
-    run = load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
-    tok = run.tokenizer
+    sc.check()  # before the (slow) restore
+    # the API's code path: grouping by prompt length under a dynamic alibi_scaling included
+    lm = load_model(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
+    lm = lm.quantized(_QUANT.value, _GROUP.value)
+    tok = lm.tokenizer
     ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
-    params, deq = run.params, None
-    if _QUANT.value != "none":
-        params = jax.jit(lambda p: quant.quantize_params(p, _QUANT.value, _GROUP.value))(params)
-        deq = quant.dequantize_params
     total = max(len(i) for i in ids) + sc.max_new_tokens
-    trained = train_length(run.cfg)
-    warning = past_trained_length(total, trained, run.cfg.model, _PI.value)
+    trained = train_length(lm.cfg)
+    warning = past_trained_length(total, trained, lm.cfg.model, _PI.value)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    scale = pi_scale(total, trained, _PI.value and run.cfg.model.position == "alibi")
-    gen = Generator(run.model, params, dequantize=deq)
-    with run.mesh:
-        outs = gen.generate(ids, sc, eos_id=tok.eos_id, alibi_scale=scale)
+    scale = pi_scale(total, trained, _PI.value and lm.cfg.model.position == "alibi")
+    outs = lm.generate(ids, max_new_tokens=sc.max_new_tokens, temperature=sc.temperature,
+                       top_k=sc.top_k, top_p=sc.top_p, seed=sc.seed, alibi_scale=scale)
     records = []
     for p, i, o in zip(prompts, ids, outs):
         text = tok.decode(o)
         records.append({"prompt": p, "prompt_tokens": len(i), "completion": text, "tokens": o})
         print(f"--- prompt: {p!r}\n{p}{text}\n")
     if _JSON.value:
-        print(json.dumps({"step": run.step, "quantize": _QUANT.value, "alibi_scale": scale,
+        print(json.dumps({"step": lm.step, "quantize": _QUANT.value, "alibi_scale": scale,
                           "generations": records}))
 
 
@@ -96,7 +94,7 @@ def past_trained_length(total: int, trained: int, model_cfg, interpolate: bool) 
 
 
 def run():
-    run_app(main, "workdir")
+    run_app(main, "workdir", prog="btlm-generate")
 
 
 if __name__ == "__main__":

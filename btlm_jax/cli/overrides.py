@@ -1,10 +1,12 @@
-"""Config overrides, parsed exactly as ``python -m btlm_jax.main`` parses them.
+"""Config overrides and ``--config`` itself, parsed exactly as ``btlm-train`` parses them.
 
-A sweep cell is ``--config=FILE[:ARG]`` plus ``--config.KEY=VALUE`` strings. They are parsed by
-an ``absl`` ``FlagValues`` holding the same ``ml_collections`` config-file flag that
-``btlm_jax.main`` defines (``DEFINE_config_file`` with ``lock_config=True``; the definition is
-:func:`define_config_flag`), so a cell parses here to the same config the training command sees. Tasks keep their overrides as a dict of typed
-values (JSON, for the results table); :func:`override_args` turns them into flag strings.
+``--config`` is a preset name (``tiny``, ``3b_8k``: :mod:`btlm_jax.presets`, from any directory)
+or a config file ``FILE.py[:ARG]`` (:func:`resolve_config`). A sweep cell is ``--config=...``
+plus ``--config.KEY=VALUE`` strings. They are parsed by an ``absl`` ``FlagValues`` holding the
+same ``ml_collections`` config-file flag that ``btlm_jax.main`` defines (:func:`define_config_flag`:
+``DEFINE_config_file``'s flag, locked, with the resolving parser), so a cell parses here to the
+same config the training command sees. Tasks keep their overrides as a dict of typed values
+(JSON, for the results table); :func:`override_args` turns them into flag strings.
 """
 
 from __future__ import annotations
@@ -15,22 +17,52 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (configs/, experiments/)
-DEFAULT_CONFIG = "configs/btlm.py:tiny"
+PRESETS_FILE = Path(__file__).resolve().parents[1] / "presets.py"  # ships with the package
+REPO_PRESETS = Path("configs") / "btlm.py"  # the repository's shim of PRESETS_FILE
+DEFAULT_CONFIG = "tiny"
 
 
 class SweepError(ValueError):
     """A bad grid, override, config or task file; the message names the culprit."""
 
 
+def _preset_names() -> str:
+    from btlm_jax.presets import PRESETS
+
+    return ", ".join(PRESETS)
+
+
 def resolve_config(spec: str) -> str:
-    """``FILE[:ARG]`` with FILE made absolute (relative paths are taken from the repository
-    root when they do not exist from the working directory)."""
-    path, colon, arg = spec.partition(":")
+    """``--config``'s value as an absolute ``FILE[:ARG]``.
+
+    A bare name (``tiny``, ``3b_8k``: no ``/``, no ``.py``) is a preset of the package
+    (:mod:`btlm_jax.presets`), so it works from any directory. A relative FILE is taken from the
+    working directory, else from the repository root; ``configs/btlm.py`` without a repository
+    is the package's presets. A missing file raises SweepError naming it."""
+    try:
+        return _resolve(spec)
+    except ValueError as e:
+        raise SweepError(f"--config={spec}: {e}") from None
+
+
+def _resolve(spec: str) -> str:
+    path, colon, arg = spec.strip().partition(":")
+    if not path:
+        raise ValueError(f"give a preset ({_preset_names()}) or a config file FILE.py[:ARG]")
     p = Path(path).expanduser()
+    if not colon and "/" not in path and p.suffix != ".py" and not p.exists():
+        return f"{PRESETS_FILE}:{path}"  # a bare preset name (an unknown one is named later)
     if not p.is_absolute():
-        p = p.absolute() if p.exists() else ROOT / p
-    if not p.exists():
-        raise SweepError(f"--config={spec}: config file {p} does not exist")
+        if p.exists():
+            p = p.absolute()
+        elif (ROOT / p).exists():
+            p = ROOT / p
+        elif p == REPO_PRESETS:
+            p = PRESETS_FILE
+    if not p.is_file():
+        where = f" (looked in {Path.cwd()} and {ROOT})" if not p.is_absolute() else ""
+        raise ValueError(f"config file {path} does not exist{where}; give a preset "
+                         f"({_preset_names()}) or a config file FILE.py[:ARG]")
     return f"{p}{colon}{arg}"
 
 
@@ -62,16 +94,48 @@ def split_override_args(args: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _one_line_text(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _config_file_parser():
+    """ml_collections' config-file parser with :func:`resolve_config` in front (bare preset
+    names, repository-relative files) and errors of the config file as one line."""
+    from ml_collections.config_flags import config_flags as cf
+
+    class ConfigFileParser(cf.ConfigFileFlagParser):
+        def parse(self, path):
+            try:
+                config = super().parse(_resolve(path))
+            except (TypeError, ValueError) as e:
+                # the library re-raises with the traceback as text; keep the original message
+                raise ValueError(_one_line_text(e.__context__ or e)) from None
+            try:  # a file that could not be loaded surfaces at first use; say it now
+                getattr(config, "keys", None)
+            except OSError as e:
+                raise ValueError(_one_line_text(e)) from None
+            return config
+
+    return ConfigFileParser(name="config", lock_config=True)
+
+
 def define_config_flag(flag_values=None, sys_argv: Sequence[str] | None = None):
     """The ``--config`` flag (``ml_collections`` config file, locked) on ``flag_values`` (absl's
-    global FLAGS by default): the definition ``btlm_jax.main`` uses, so both parse alike."""
+    global FLAGS by default): the definition every command and sweep cell uses, so all parse
+    alike. Its value is a preset name (``tiny``) or ``FILE.py[:ARG]`` (:func:`resolve_config`).
+    """
     from absl import flags
-    from ml_collections import config_flags
+    from ml_collections.config_flags import config_flags as cf
 
-    return config_flags.DEFINE_config_file(
-        "config", DEFAULT_CONFIG, "Config file (and preset), e.g. configs/btlm.py:3b_8k.",
-        flag_values=flags.FLAGS if flag_values is None else flag_values, lock_config=True,
+    fv = flags.FLAGS if flag_values is None else flag_values
+    flag = cf._ConfigFlag(  # DEFINE_config_file's flag, with the resolving parser
+        parser=_config_file_parser(), serializer=flags.ArgumentSerializer(), name="config",
+        default=DEFAULT_CONFIG,
+        help_string=f"A preset ({_preset_names()}) or a config file FILE.py[:ARG], e.g. "
+        "configs/btlm.py:3b_8k in the repository.",
+        flag_values=fv, accept_new_attributes=False,
         sys_argv=None if sys_argv is None else list(sys_argv))
+    return flags.DEFINE_flag(flag, fv)
 
 
 def load_config(config: str = DEFAULT_CONFIG,
@@ -82,7 +146,8 @@ def load_config(config: str = DEFAULT_CONFIG,
     from absl import flags
 
     args = list(overrides) if not isinstance(overrides, Mapping) else override_args(overrides)
-    argv = ["btlm_jax.main", f"--config={resolve_config(config)}", *args]
+    resolve_config(config)  # a missing file: SweepError naming it
+    argv = ["btlm_jax.main", f"--config={config}", *args]
     fv = flags.FlagValues()
     define_config_flag(fv, sys_argv=argv)
     try:
@@ -96,6 +161,8 @@ def _one_line(e: Exception, args: Sequence[str]) -> str:
     text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
     if text[:1] in "'\"" and text[-1:] == text[:1]:  # a repr'd KeyError message
         text = text[1:-1].strip()
+    if text.startswith("flag --"):  # absl names the flag and its value itself
+        return text[len("flag "):]
     culprit = next((a.split("=", 1)[0] for a in args
                     if a.split("=", 1)[0].split(".")[-1] in text), None)
     if culprit is None:  # an unknown key: name the override whose path is not in the config
@@ -106,6 +173,19 @@ def _one_line(e: Exception, args: Sequence[str]) -> str:
 def _missing(arg: str, text: str) -> bool:
     key = arg.split("=", 1)[0][len("--config."):]
     return any(f"'{part}'" in text for part in key.split("."))
+
+
+def check_cell(name: str, cfg: ml_collections.ConfigDict) -> None:
+    """What a run checks at start, before any run of a sweep is launched: the config's
+    validation and the optimizer and schedule it builds. SweepError naming the run and key."""
+    from btlm_jax import optim
+    from btlm_jax.config import parse_phases, validate
+
+    try:
+        validate(cfg)
+        optim.build(cfg, sum(p[2] for p in parse_phases(cfg)))
+    except ValueError as e:
+        raise SweepError(f"run {name}: {_one_line_text(e)}") from None
 
 
 def get_value(cfg: ml_collections.ConfigDict, key: str) -> Any:

@@ -1,7 +1,7 @@
 """muP coordinate check: train a few steps at several widths, record activation size per layer.
 
-    python -m btlm_jax.experiments.coord_check --config=configs/btlm.py:tiny \\
-        [--widths=64,128,256,512] [--steps=4] [--out=coord_check] [--config.model.n_layers=2]
+    python -m btlm_jax.experiments.coord_check --config=tiny \\
+        [--widths=64,128,256,512] [--steps=4] [--out=runs/coord_check] [--config.model.n_layers=2]
 
 For each width ``d`` the config's model is resized (``d_model = d``, ``d_ff`` keeping the
 config's ratio, same head count, layers unscanned so every block's output can be captured) and
@@ -202,17 +202,22 @@ _CONFIG = None
 
 def run() -> None:
     global _CONFIG
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/btlm.py:tiny", "Config file.")
+    from btlm_jax import errors
+    from btlm_jax.cli.common import run_app
+    from btlm_jax.cli.overrides import define_config_flag
+
+    with errors.cli():
+        _CONFIG = define_config_flag()  # a preset or FILE.py[:ARG], as btlm-train takes it
+    errors.define_verbose_flag()
     flags.DEFINE_string("widths", "64,128,256,512", "Comma-separated d_model values.")
     flags.DEFINE_integer("steps", 4, "Training steps per width.")
     flags.DEFINE_integer("batch_size", 4, "Sequences in the fixed batch.")
     flags.DEFINE_integer("seq_len", 32, "Tokens per sequence.")
     flags.DEFINE_string("parametrizations", "mup,sp", "Comma-separated subset of mup,sp.")
-    flags.DEFINE_string("out", "coord_check", "Output folder for the PNG and JSON.")
-    app.run(main)
+    flags.DEFINE_string("out", "runs/coord_check", "Output folder for the PNG and JSON.")
+    run_app(main, prog="python -m btlm_jax.experiments.coord_check")
 
 
 if __name__ == "__main__":

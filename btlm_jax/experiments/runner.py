@@ -34,8 +34,8 @@ from typing import Any, Callable, Sequence
 from btlm_jax.experiments import data as exp_data
 from btlm_jax.experiments.grid import Task, expand_axes, run_name
 from btlm_jax.experiments.local import gather, run_local
-from btlm_jax.cli.overrides import (ROOT, SweepError, get_value, load_config,
-                                            split_override_args)
+from btlm_jax.cli.overrides import (ROOT, SweepError, check_cell, get_value, load_config,
+                                    split_override_args)
 
 
 def log(msg: str) -> None:
@@ -193,6 +193,8 @@ def plan(spec, args, cli_overrides: dict | None = None) -> tuple[list[Task], dic
         extra = _hook(sweep["prepare"])(args, out, data, **sweep.get("prepare_args", {}))
         axes, info = {**extra.get("axes", {}), **axes}, {**info, **extra.get("info", {})}
     tasks = make_tasks(config, base, axes, fixed, sweep, out)
+    for t in tasks:  # what each run checks at start, before any is launched
+        check_cell(t.name, load_config(t.config, t.overrides))
     _PLANS[id(tasks)] = (config, base, axes, fixed, sweep, out)
     info = {"experiment": spec.NAME, "data": data["name"], "scale": args.scale,
             "config": config, **info, "smoke": bool(args.smoke)}

@@ -1,11 +1,14 @@
-"""``python -m btlm_jax.harness --model=PATH --tasks=a,b [--include_path=DIR] [--num_fewshot=N]
-[--limit=N] [--batch_size=N] [--log_samples] [--output_path=DIR] [--json]``.
+"""lm-evaluation-harness tasks on a run directory or a Hugging Face folder.
 
-``PATH`` is a run directory or a Hugging Face folder (:func:`btlm_jax.load_model`). Prints
-lm_eval's results table, or with ``--json`` the dict that ``lm_eval.simple_evaluate`` returns
-(``results``, ``samples`` with ``--log_samples``, ...) as one JSON line, the last line printed.
-``--output_path`` writes lm_eval's results (and samples) files there. A progress bar over the
-requests goes to stderr.
+    btlm-harness --model=PATH --tasks=a,b [--include_path=DIR] [--num_fewshot=N] [--limit=N]
+        [--batch_size=N] [--log_samples] [--output_path=DIR] [--json]
+    (= python -m btlm_jax.harness ...; needs the eval extra: pip install -e '.[eval]')
+
+PATH is a run directory or a Hugging Face folder (btlm_jax.load_model). Prints lm_eval's results
+table, or with --json the dict that lm_eval.simple_evaluate returns (results, samples with
+--log_samples, ...) as one JSON line, the last line printed. --output_path writes lm_eval's
+results (and samples) files under DIR/<model folder name>/, as lm_eval does. A progress bar over
+the requests goes to stderr.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ from __future__ import annotations
 import json
 import sys
 
+from pathlib import Path
+
+from absl import flags
+
 from btlm_jax import errors
-from absl import app, flags
+from btlm_jax.cli.common import run_app, start
 
 _MODEL = flags.DEFINE_string("model", None, "Run directory or Hugging Face folder.")
 _TASKS = flags.DEFINE_string("tasks", None, "Comma-separated lm_eval task (or group) names.")
@@ -27,39 +34,41 @@ _SAMPLES = flags.DEFINE_bool("log_samples", False, "Keep per-document samples in
 _OUT = flags.DEFINE_string("output_path", None, "Directory for lm_eval's results/samples files.")
 _BOOT = flags.DEFINE_integer("bootstrap_iters", 100000, "Bootstrap iterations for stderrs (0: off).")
 _JSON = flags.DEFINE_bool("json", False, "Print simple_evaluate's dict as the last line (JSON).")
+errors.define_verbose_flag()
 
 
+@errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    start(argv, distributed=False)
     import logging as pylogging
 
     pylogging.getLogger("lm-eval").setLevel(pylogging.WARNING)
     pylogging.getLogger("lm_eval").setLevel(pylogging.WARNING)
-    from lm_eval.utils import handle_non_serializable, make_table
-
-    from btlm_jax.config import ConfigError
-    from btlm_jax.harness.lm import BTLMEvalLM, HarnessError, load_handle
-
     try:
-        handle = load_handle(_MODEL.value)
-        lm = BTLMEvalLM(handle, batch_size=_BATCH.value, max_length=_MAX_LEN.value)
-        from btlm_jax.harness.run import evaluate
+        from lm_eval.utils import handle_non_serializable, make_table
+    except ImportError as e:
+        raise errors.UserError(f"btlm-harness needs lm_eval ({e}); install the eval extra: "
+                               "pip install -e '.[eval]'") from e
 
-        limit = _LIMIT.value
-        if limit is not None and limit >= 1:
-            limit = int(limit)
-        res = evaluate(lm, _TASKS.value, include_path=_INCLUDE.value,
-                       num_fewshot=_FEWSHOT.value, limit=limit, log_samples=_SAMPLES.value,
-                       bootstrap_iters=_BOOT.value)
-    except (HarnessError, ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from btlm_jax.harness.lm import BTLMEvalLM, load_handle
+    from btlm_jax.harness.run import evaluate
+
+    handle = load_handle(_MODEL.value)
+    lm = BTLMEvalLM(handle, batch_size=_BATCH.value, max_length=_MAX_LEN.value)
+    limit = _LIMIT.value
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    res = evaluate(lm, _TASKS.value, include_path=_INCLUDE.value, num_fewshot=_FEWSHOT.value,
+                   limit=limit, log_samples=_SAMPLES.value, bootstrap_iters=_BOOT.value)
     res["config"]["model"] = str(_MODEL.value)
     if _OUT.value:
         from lm_eval.loggers import EvaluationTracker
 
         tracker = EvaluationTracker(output_path=_OUT.value)
+        # the files go to OUT/<model name>/ as with lm_eval's own CLI (without this: OUT/None/)
+        tracker.general_config_tracker.log_experiment_args(
+            model_source="btlm_jax", model_args={"path": _model_name(_MODEL.value)},
+            system_instruction=None, chat_template=None, fewshot_as_multiturn=False)
         samples = res.get("samples")
         tracker.save_results_aggregated(
             results={k: v for k, v in res.items() if k != "samples"}, samples=samples)
@@ -74,10 +83,13 @@ def main(argv):
             print(make_table(res, "groups"))
 
 
+def _model_name(path: str) -> str:
+    """The folder name of a run directory or Hugging Face folder (``runs/tiny`` -> ``tiny``)."""
+    return Path(str(path).rstrip("/")).name or str(path)
+
+
 def run():
-    flags.mark_flags_as_required(["model", "tasks"])
-    with errors.cli():  # overrides parsed inside app.run (with --config=...) fail as one line
-        app.run(main)
+    run_app(main, "model", "tasks", prog="btlm-harness")
 
 
 if __name__ == "__main__":

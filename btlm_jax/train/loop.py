@@ -177,5 +177,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
             hooks.close()
             ckpt.close()
             feed.close()
-    return {"step": ctx.step, "preempted": ctx.preempted, "complete": ctx.is_last,
-            **ctx.last_record}
+    # the last logged record, then where the run stopped (a preempted run saved a checkpoint at
+    # exactly this step; the record may be from an earlier logged step)
+    return {**ctx.last_record, "step": ctx.step, "preempted": ctx.preempted,
+            "complete": ctx.is_last}
