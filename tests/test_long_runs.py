@@ -35,7 +35,7 @@ BACK, SKIP, EVERY = 4, 3, 2
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    d = tmp_path_factory.getbasetemp() / "btlm_long_runs_cache"
+    d = tmp_path_factory.getbasetemp() / "btlm_parallel_cache"  # shared with test_phases etc.
     d.mkdir(exist_ok=True)
     return d
 

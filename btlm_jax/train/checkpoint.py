@@ -1,10 +1,10 @@
 """Orbax checkpoints of the train state plus the data state (exact resume).
 
 A checkpoint step directory holds two items: ``state`` (params, optimizer state, step; sharded
-arrays restored onto the current mesh) and ``data`` (JSON, written once by process 0: the phase and
-the global per-source token counters). There is no data-iterator state: the batches are keyed by
-the step (:mod:`btlm_jax.train.feed`), so a resumed run, on any number of processes, sees exactly
-the batches an uninterrupted run would.
+arrays restored onto the current mesh) and ``data`` (JSON, written once by process 0: the phase,
+the global per-source token counters and the run's rollback log). There is no data-iterator
+state: the batches are keyed by the step and the rollback log (:mod:`btlm_jax.train.feed`), so a
+resumed run, on any number of processes, sees exactly the batches an uninterrupted run would.
 
 :meth:`Checkpointer.restore_latest` walks back from the newest step to the newest one that reads
 completely: a step that is incomplete or corrupt (an empty step directory, missing metadata, a
