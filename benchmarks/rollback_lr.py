@@ -79,8 +79,8 @@ def main():
     print("metrics.jsonl around the bad step, in file order:", around)
     dup = sorted({s for s, k in steps if k == "step" and [t for t, kk in steps
                                                           if kk == "step"].count(s) > 1})
-    print(f"steps logged twice: {dup or 'none'}; regular records {sum(k == 'step' for _, k in steps)}"
-          f" for {STEPS} steps")
+    regular = sum(k == "step" for _, k in steps)
+    print(f"steps logged twice: {dup or 'none'}; regular records {regular} for {STEPS} steps")
 
 
 if __name__ == "__main__":

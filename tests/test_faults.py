@@ -141,7 +141,7 @@ def test_loss_spike_detected(cache_dir, tmp_path):
         restarted = False
 
     sink = Sink()
-    g = DivergenceGuard(Cfg, Run, Ckpt(), None, Feed, [sink], print, 3)
+    g = DivergenceGuard(Cfg, Run, Ckpt(), None, Feed, [sink], print)
     ctx = Ctx()
     seq = [3.0] * 12 + [3.5, 7.0]  # mean 3.04 after 13 good steps; 7.0 > 2 x mean
     with pytest.raises(errors.UserError, match=r"diverged at step 14: loss 7 is more than "

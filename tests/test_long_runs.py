@@ -341,4 +341,29 @@ def test_rollback_gives_up_without_looping_on_bad_weights(cache_dir, tmp_path):
     for s in ckpt_steps(run):
         leaves, counts, step = restore_raw(run, s)
         assert set(counts) == {s} and all(np.isfinite(a).all() for a in leaves)
-    assert math.isfinite(_evaluate_loss(run, named))
+
+
+def test_resume_continues_a_rollback_logged_after_the_checkpoint(tmp_path):
+    """RUN/rollbacks.json vs the resumed checkpoint's log: a rollback that restored exactly the
+    resumed checkpoint (the run stopped before its next save) is kept, so the resumed run trains
+    what the stopped one did; anything else not in the checkpoint's log is lost work, dropped.
+    metrics.jsonl is rewound to match."""
+    from btlm_jax.data.positions import Rollback
+    from btlm_jax.train.hooks import JsonlSink
+    from btlm_jax.train.run_dir import read_rollbacks, resumed_rollbacks, write_rollbacks
+
+    a, b = Rollback(30, 20, 5), Rollback(50, 40, 5)
+    write_rollbacks(tmp_path, [a, b])
+    assert read_rollbacks(tmp_path) == [a, b]
+    assert resumed_rollbacks(tmp_path, 40, [a.to_json()]) == [a, b]  # b restored 40: kept
+    assert resumed_rollbacks(tmp_path, 45, [a.to_json()]) == [a]  # b is not this checkpoint's
+    assert resumed_rollbacks(tmp_path, 40, []) == []  # the logs disagree: the checkpoint wins
+    (tmp_path / "rollbacks.json").unlink()
+    assert resumed_rollbacks(tmp_path, 40, [a.to_json()]) == [a]
+    lines = [{"step": 19}, {"step": 20}, {"step": 21}, {"step": 30, "rollback": 1},
+             {"step": 21}, {"step": 41}, {"step": 50, "rollback": 2}, {"step": 41}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    JsonlSink(path, 40, rollbacks=1)
+    assert [json.loads(ln) for ln in path.read_text().splitlines()] == \
+        [{"step": 19}, {"step": 20}, {"step": 21}, {"step": 30, "rollback": 1}, {"step": 21}]

@@ -71,9 +71,9 @@ def run_rollbacks(run) -> tuple[list, str]:
 
 
 def batches(workdir: str, steps, rollbacks: int = -1):
-    """``(data, rollback log used, where it came from, {step: global batch})`` for the steps
-    (metrics numbering) of the run in ``workdir``: the pipeline object and the batches the
-    training loop reads."""
+    """``(data, rollback log used, where it came from, {step: global batch}, tokenizer)`` for
+    the steps (metrics numbering, ``"A:B"`` or an iterable) of the run in ``workdir``: the
+    pipeline object (closed) and the global batches the training loop reads."""
     from btlm_jax.data import pipeline
     from btlm_jax.train.run_dir import RunDir
 

@@ -68,10 +68,10 @@ class DivergenceGuard:
     ``run``: the :class:`~btlm_jax.train.run_dir.RunDir`; ``ckpt``: its
     :class:`~btlm_jax.train.checkpoint.Checkpointer`; ``feed``: the
     :class:`~btlm_jax.train.feed.TrainFeed` (token counters and rollback log); ``sinks``: the
-    metric sinks; ``start``: the step training starts (or resumes) at.
+    metric sinks.
     """
 
-    def __init__(self, cfg, run, ckpt, abstract_state, feed, sinks, log, start: int):
+    def __init__(self, cfg, run, ckpt, abstract_state, feed, sinks, log):
         t = cfg.train
         self.max_spike = float(t.max_loss_spike)
         self.mode = t.on_divergence
@@ -81,14 +81,12 @@ class DivergenceGuard:
         self.pending: list[tuple[int, dict]] = []  # (step, device scalars), oldest first
         self.history: collections.deque = collections.deque(maxlen=_WINDOW)
         steps = sorted(ckpt.all_steps()) if ckpt is not None else []
-        # every checkpoint but the newest was confirmed before the newest was written
+        # every checkpoint but the newest was confirmed before the newest was written; the run
+        # resumes from the newest (restore_latest sets unreadable ones aside)
         self.good = set(steps[:-1])
         self.unconfirmed = steps[-1] if steps else None
         self.saved_step = steps[-1] if steps else None
         self.horizon = self.saved_step  # the newest step saved or being saved
-        if self.unconfirmed is not None and self.unconfirmed < start:
-            self.good.add(self.unconfirmed)  # (cannot happen: a run resumes from its newest)
-            self.unconfirmed = None
         if ckpt is not None:
             ckpt.protect(self.protected)
 

@@ -89,7 +89,7 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
 
     sinks = make_sinks(cfg, run.path, start, len(feed.rollbacks))
     # every step: loss / grad norm finite (and no loss spike) before anything is saved
-    guard = DivergenceGuard(cfg, run, ckpt, program.abstract_state, feed, sinks, log, start)
+    guard = DivergenceGuard(cfg, run, ckpt, program.abstract_state, feed, sinks, log)
 
     def write(ctx: Context):
         if ctx.record is not None:
