@@ -107,10 +107,15 @@ def default_train() -> ml_collections.ConfigDict:
     t.phases = ()
     # Divergence (btlm_jax/train/guard.py): a step whose loss, gradient norm or parameter norm is
     # not finite, or whose loss exceeds max_loss_spike x the mean of the last good losses (0 = no
-    # spike check), is never checkpointed; on_divergence: stop (naming the last good checkpoint)
-    # or rollback (restore it, skip the batches in between, continue).
+    # spike check), is bad; a checkpoint is good once the loss computed from its weights (the
+    # next step's) is good. on_divergence: stop (naming the newest good checkpoint) or rollback
+    # (PaLM: restore the newest good checkpoint at least rollback_back_steps steps before the bad
+    # step, skip rollback_skip_batches batches from there, at least up to the bad step's batch,
+    # and continue with the step counter, schedule and optimizer counts of that checkpoint).
     t.max_loss_spike = 0.0
     t.on_divergence = "stop"
+    t.rollback_back_steps = 100
+    t.rollback_skip_batches = 200
     return t
 
 
@@ -245,6 +250,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         v = _get(cfg, key)
         if v not in choices:
             raise ConfigError(f"{key}={v!r}: must be one of {', '.join(choices)}")
+    for key in ("train.rollback_back_steps", "train.rollback_skip_batches"):
+        v = _get(cfg, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{key}={v!r}: must be an integer >= 0")
     spike = cfg.train.max_loss_spike
     if isinstance(spike, bool) or not isinstance(spike, (int, float)) or not spike >= 0 or (
             0 < spike <= 1):

@@ -59,6 +59,7 @@ OWN_FLAGS = {
     "btlm-harness": ["--model", "--tasks", "--include_path", "--output_path", "--json"],
     "btlm-dedup": ["--input", "--output", "--mode", "--engine"],
     "btlm-sweep": ["grid", "task", "--config"],
+    "btlm-batches": ["--workdir", "--steps", "--out", "--decode", "--rollbacks"],
 }
 # commands that take no config (btlm-dedup has its own options, no ml-collections config)
 NO_CONFIG = {"btlm-dedup"}
@@ -120,6 +121,7 @@ FLAG_ERRORS = [
     ("btlm-sweep", ["grid", "--out=S", "--config=tiny_typo"], ["unknown preset 'tiny_typo'"]),
     ("btlm-sweep", ["grid", "--out=S", "--grid", "optim.peak_lrx=1e-3"], ["optim.peak_lrx"]),
     ("btlm-dedup", ["--output=O"], ["--input"]),
+    ("btlm-batches", [f"--workdir={RUN}"], ["--steps is required"]),
 ]
 # Mistakes found once the command runs (each imports JAX: a few seconds).
 RUN_ERRORS = [
@@ -135,6 +137,7 @@ RUN_ERRORS = [
     ("btlm-convert", ["import", f"--workdir={RUN}"], ["--hf_dir"]),
     ("btlm-convert", ["export", f"--workdir={RUN}", "--out=O"], [RUN]),
     ("btlm-harness", [f"--model={RUN}", "--tasks=x"], [RUN]),
+    ("btlm-batches", [f"--workdir={RUN}", "--steps=1:2", "--out=b.npz"], [f"{RUN}/config.json"]),
     # a cell that fails the run's own start checks: named before any run is launched
     ("btlm-sweep", ["grid", "--out=S", "--grid", "optim.schedule=d2z,wsd",
                     "--config.train.steps=20", "--config.optim.warmup_steps=5",

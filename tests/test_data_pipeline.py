@@ -89,7 +89,7 @@ def test_document_packing_segments_and_every_document_once(tmp_path):
     L, B = 48, 2
     cfg = _cfg(tmp_path, _write(tmp_path, {"A": docs}), seq_len=L, batch=B, packing="document")
     data = pipeline.StepData(cfg, BYTES)
-    rows = data._sources(0)[0][0]
+    rows = data._source_rows(0, 0)
     R = len(rows)
     by_index = rows.take(np.arange(R))
     # Rebuild the documents from the store's rows in order (a split document continues in the
@@ -170,13 +170,18 @@ def test_mixture_proportions_every_step(tmp_path, packing):
     data.close()
 
 
-def test_global_batch_independent_of_process_count_across_phases(tmp_path):
+@pytest.mark.parametrize("packing,rollbacks", [("document", []), ("concat", [(5, 2, 1)])])
+def test_global_batch_independent_of_process_count_across_phases(tmp_path, packing, rollbacks):
+    from btlm_jax.data.positions import Rollback
+
     rng = random.Random(4)
     src = {"A": _docs(rng, 20, 0, 500, "a"), "B": _docs(rng, 20, 0, 200, "b")}
-    cfg = _cfg(tmp_path, _write(tmp_path, src), packing="document",
+    cfg = _cfg(tmp_path, _write(tmp_path, src), packing=packing,
                phases=("16:8:3", "32:4:3"))
-    one = pipeline.StepData(cfg, BYTES)
-    many = {n: [pipeline.StepData(cfg, BYTES, p, n) for p in range(n)] for n in (2, 4)}
+    log = [Rollback(*r) for r in rollbacks]
+    one = pipeline.StepData(cfg, BYTES, rollbacks=log)
+    many = {n: [pipeline.StepData(cfg, BYTES, p, n, rollbacks=log) for p in range(n)]
+            for n in (2, 4)}
     for step in range(6):
         ref = one.local_batch(step)
         assert ref["inputs"].shape == ((8, 16) if step < 3 else (4, 32))
@@ -238,13 +243,29 @@ def test_tokens_per_step_concat(tmp_path):
     assert per_source.sum() == 9 * 2 * 16  # this process's 2 of the 6 rows
 
 
+def test_natural_mixture_is_by_tokens(tmp_path):
+    """data.mixture empty: each source weighs its tokens (the store's exact counts: bytes + EOS
+    per document with the bytes tokenizer), not its size on disk."""
+    rng = random.Random(13)
+    src = {"A": [f"a{i}" + "x" * rng.randint(0, 6) for i in range(300)],
+           "B": ["b" * 3000, "c" * 2500]}
+    cfg = _cfg(tmp_path, _write(tmp_path, src))
+    tokens = {s: sum(len(d.encode()) + 1 for d in docs) for s, docs in src.items()}
+    w = pipeline.mixture_weights(cfg, BYTES)
+    total = sum(tokens.values())
+    assert w == {s: pytest.approx(n / total, rel=1e-12) for s, n in tokens.items()}
+    data = pipeline.StepData(cfg, BYTES)
+    assert data.weights == w
+    data.close()
+
+
 def test_mixture_errors_and_natural(tmp_path):
     rng = random.Random(4)
     train = _write(tmp_path, {"A": _docs(rng, 10, 100, 100, "a"), "B": _docs(rng, 30, 100, 100, "b")})
     cfg = _cfg(tmp_path, train, mixture="A=1,Nope=2")
     with pytest.raises(DataError, match="Nope"):
         pipeline.StepData(cfg, BYTES)
-    w = pipeline.mixture_weights(_cfg(tmp_path, train))
+    w = pipeline.mixture_weights(_cfg(tmp_path, train), BYTES)
     assert w["B"] == pytest.approx(0.75, abs=0.01)  # natural: by size
     from btlm_jax.data.mixtures import parse_mixture
 
@@ -287,7 +308,7 @@ def test_skipped_records_are_counted(tmp_path):
     cfg.data.on_error = "skip"
     data = pipeline.StepData(cfg, BYTES)
     assert data.skipped_records == 2 == pipeline.skipped_records(cfg)
-    rows = data._sources(0)[0][0]
+    rows = data._source_rows(0, 0)
     stream = rows.take(np.arange(len(rows)))["inputs"].reshape(-1)
     texts = bytes(int(t) if t < 256 else 10 for t in stream).decode().split("\n")
     for g in good[:5]:  # the last document may be in the dropped tail
@@ -320,3 +341,160 @@ def test_store_build_with_worker_processes_is_identical(tmp_path):
         out[w] = {p.name: p.read_bytes() for p in (tmp_path / f"s{w}").iterdir()
                   if p.suffix == ".bin"}
     assert out[0] == out[2] and len(out[0]) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# One data position across phases and rollbacks (issue 28; btlm_jax.data.positions)
+
+
+def _target_positions(stream_by_source, batch, L):
+    """(source, stream offset of each target) of every row, found by content in the streams."""
+    out = []
+    for r in range(batch["inputs"].shape[0]):
+        s = int(batch["source_ids"][r, 0])
+        key = np.concatenate([batch["inputs"][r], batch["targets"][r, -1:]])
+        hits = stream_by_source[s][L].get(key.tobytes())
+        assert hits is not None, "a row that is no window of its source's stream"
+        out.append((s, hits))
+    return out
+
+
+def test_phases_read_each_token_at_most_once(tmp_path):
+    """Two phases (16 x 6, then 48 x 2) over less than one pass: no target token of either
+    source is read twice, and the second phase starts past the first one's tokens."""
+    rng = random.Random(11)
+    src = {"A": _docs(rng, 60, 0, 300, "a"), "B": _docs(rng, 40, 0, 300, "b")}
+    train = _write(tmp_path, src)
+    cfg = _cfg(tmp_path, train, phases=("16:6:40", "48:2:40"), steps=80, mixture="A=0.6,B=0.4")
+    streams, index = {}, {}
+    for i, name in enumerate(("A", "B")):
+        st = np.concatenate([np.asarray(list(d.encode()) + [EOS]) for d in
+                             _file_order_docs(train, name)]).astype(np.int32)
+        streams[i] = st
+        index[i] = {L: {st[o:o + L + 1].tobytes(): o for o in range(0, len(st) - L, L)}
+                    for L in (16, 48)}
+    assert 40 * 6 * 16 + 40 * 2 * 48 < 0.75 * sum(len(s) for s in streams.values())
+    data = pipeline.StepData(cfg, BYTES)
+    seen = {i: np.zeros(len(s), np.int32) for i, s in streams.items()}  # phase + 1 that read it
+    for step in range(80):
+        L = 16 if step < 40 else 48
+        for s, off in _target_positions(index, data.local_batch(step), L):
+            mark = seen[s][off + 1:off + L + 1]
+            assert not mark.any(), (step, s, off, set(mark.tolist()))
+            mark[:] = 1 + (step >= 40)
+    for i in seen:  # phase 2 lies past phase 1 only in shuffled unit order, not in the stream
+        assert (seen[i] == 1).any() and (seen[i] == 2).any()
+    data.close()
+
+
+def test_document_phases_read_each_document_at_most_once(tmp_path):
+    """Document packing with two lengths: the documents are packed in units shared by both
+    lengths, so no document starts in the rows of both phases (or twice in one)."""
+    rng = random.Random(12)
+    docs = _docs(rng, 400, 0, 120, "d")
+    cfg = _cfg(tmp_path, _write(tmp_path, {"A": docs}), packing="document",
+               phases=("16:4:150", "40:2:90"), steps=240)
+    data = pipeline.StepData(cfg, BYTES)
+    starts = collections.Counter()
+    read = 0
+    for step in range(240):
+        b = data.local_batch(step)
+        for r in range(b["inputs"].shape[0]):
+            seg = b["segment_ids"][r]
+            for s in set(seg[seg > 0].tolist()):
+                idx = np.flatnonzero(seg == s)
+                read += len(idx)
+                if b["inputs"][r, idx[0]] == EOS:  # a document starts here: its tag follows
+                    text = bytes(int(t) for t in b["inputs"][r, idx[1:]] if t < 256).decode()
+                    if ">" in text:  # the whole tag (a row may end inside it)
+                        starts[text.split(">")[0]] += 1
+    assert read < 0.75 * sum(len(d.encode()) + 1 for d in docs)
+    assert len(starts) > 50 and max(starts.values()) == 1, starts.most_common(3)
+    data.close()
+
+
+def _simulate(phases, weights, rollbacks, per_unit):
+    """The rows (source, unit position, row in unit) of every batch of the final trajectory,
+    by executing the run's history row by row: every segment starts at the first unit no read
+    so far touched; a rollback's segment also no earlier than ``skip`` batches past the restored
+    step's position (read on in that segment's row order)."""
+    W = mixtures.Interleave(weights).W
+    S = len(W)
+    starts = [sum(p[2] for p in phases[:i]) for i in range(len(phases))]
+    total = sum(p[2] for p in phases)
+
+    def phase_of(i):
+        return max(k for k in range(len(phases)) if starts[k] <= i)
+
+    def arrivals(n):  # the first n (source, k) of a segment, merged by (k + 1/2) / w
+        return _brute_force_interleave(weights, n)
+
+    def execute(first, begin, last, high):
+        """Batches first .. last - 1 from unit positions ``begin``; returns their rows, the
+        cursors before each batch and the new high water."""
+        rows, before = {}, {}
+        seg_start, units, count = first, list(begin), [0] * S
+        for i in range(first, last):
+            ph = phase_of(i)
+            if i > first and ph != phase_of(i - 1):  # a new phase: a new segment
+                seg_start, units, count = i, list(high), [0] * S
+            before[i] = (seg_start, tuple(units), tuple(count))
+            L, B, _ = phases[ph]
+            m = per_unit[ph]
+            h0 = (i - seg_start) * B
+            got = arrivals(h0 + B)[h0:]
+            rows[i] = []
+            for s, k in got:
+                assert k == count[s]
+                count[s] += 1
+                rows[i].append((s, units[s] + k // m, k % m))
+                high[s] = max(high[s], units[s] + k // m + 1)
+        return rows, before, high
+
+    high = [0] * S
+    final, trajectory, first, begin = {}, {}, 0, [0] * S
+    for (n, g, skip) in list(rollbacks) + [(None, None, None)]:
+        last = total if n is None else n
+        rows, before, high = execute(first, begin, last, high)
+        for i in range(first, last):
+            final[i], trajectory[i] = rows[i], before[i]
+        if n is None:
+            break
+        seg_start, units, count = trajectory[g]
+        ph = phase_of(g)
+        B, m = phases[ph][1], per_unit[ph]
+        h0 = (g - seg_start) * B
+        after = list(units)  # the position after `skip` more batches of this segment
+        for s, k in arrivals(h0 + skip * B):
+            after[s] = max(after[s], units[s] + k // m + 1)
+        first, begin = g, [max(a, b) for a, b in zip(after, high)]
+    return [final[i] for i in range(total)]
+
+
+class _Uniform:
+    def __init__(self, per_unit):
+        self.per_unit = per_unit
+
+    def end(self, source, phase, start, rows):
+        return start + -(-rows // self.per_unit[phase])
+
+
+@pytest.mark.parametrize("rollbacks", [
+    [],
+    [(7, 5, 1)],  # within phase 0, a small skip: the spike bound wins
+    [(7, 5, 6)],  # within phase 0, a larger skip
+    [(12, 6, 2), (15, 14, 0), (16, 9, 3)],  # across the phase boundary, back again, and back
+])
+def test_plan_matches_a_row_by_row_simulation(rollbacks):
+    from btlm_jax.data import positions
+
+    phases = [(16, 6, 10), (48, 2, 8)]
+    weights = [0.5, 0.3, 0.2]
+    per_unit = {0: 3, 1: 1}  # concat: units of lcm(16, 48) = 48 tokens
+    log = [positions.Rollback(n, g, k) for n, g, k in rollbacks]
+    plan = positions.Plan(phases, mixtures.Interleave(weights), _Uniform(per_unit), log)
+    want = _simulate(phases, weights, rollbacks, per_unit)
+    for i, rows in enumerate(want):
+        seg, got = plan.rows(i, 0, phases[plan.phase_of(i)][1])
+        m = per_unit[seg.phase]
+        assert [(s, seg.units[s] + k // m, k % m) for s, k in got] == rows, i

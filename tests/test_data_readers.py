@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -139,16 +140,31 @@ def test_sample_corpus_format_and_caching(tmp_path):
     hold = sorted((root / "validation" / "chunk1").glob("example_holdout_*.jsonl.zst"))
     assert train and hold
     seen, total = {}, 0
+    code = {"train": set(), "hold": set()}  # modules whose source is on each side
+    docs = {"train": [], "hold": []}  # the qualified names of each docstrings document
     for p in train + hold:
+        side = "hold" if p in hold else "train"
         with open(p, "rb") as f:
             raw = zstandard.ZstdDecompressor().stream_reader(f).read().decode()
         for line in raw.splitlines():
             rec = json.loads(line)
             assert set(rec) == {"text", "meta"} and isinstance(rec["text"], str)
-            seen[rec["meta"]["redpajama_set_name"]] = seen.get(rec["meta"]["redpajama_set_name"], 0) + 1
+            src = rec["meta"]["redpajama_set_name"]
+            seen[src] = seen.get(src, 0) + 1
             total += len(rec["text"])
+            if src == "PythonStdlibCode":  # "# path/to/mod.py" first
+                rel = rec["text"].split("\n", 1)[0][2:]
+                code[side].add(rel[:-3].replace("/", ".").removesuffix(".__init__"))
+            elif src == "PythonDocstrings":  # "Module m" heads a module with a docstring
+                docs[side].append(re.match(r"Module ([\w.]+)\n", rec["text"]))
     assert set(seen) == set(sample.SOURCES)
     assert 1_000_000 < total < 20_000_000
+    # Held out by file: no module's docstrings on one side and its source on the other.
+    for side, other in (("hold", "train"), ("train", "hold")):
+        found = [m.group(1) for m in docs[side] if m]
+        assert len(found) >= 5  # the check has something to check
+        leaked = sorted(m for m in found if m in code[other])
+        assert not leaked, f"{side} docstrings of modules whose code is in {other}: {leaked}"
     # Cached: a second call does not rewrite; an interrupted build dir is never used.
     mtime = train[0].stat().st_mtime_ns
     (root.parent / ".building-stale").mkdir()

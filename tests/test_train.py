@@ -145,6 +145,11 @@ def test_invalid_values_fail_naming_the_key(tmp_path):
     c.train.batch_size, c.train.grad_accum_steps = 6, 4
     with pytest.raises(ConfigError, match="grad_accum_steps"):
         validate(c)
+    for key, bad in (("rollback_back_steps", -1), ("rollback_skip_batches", -3)):
+        c = small(tmp_path)
+        c.train[key] = bad
+        with pytest.raises(ConfigError, match=rf"train\.{key}={bad}: must be an integer >= 0"):
+            validate(c)
 
 
 def test_missing_data_path_fails_naming_it(tmp_path):

@@ -8,6 +8,7 @@ btlm-evaluate      btlm_jax.evaluate                loss / perplexity per length
 btlm-generate      btlm_jax.generate                sample from a run (KV cache)
 btlm-describe      btlm_jax.describe                parameters, FLOPs, AOT memory per device
 btlm-convert       btlm_jax.convert                 Hugging Face import / export
+btlm-batches       btlm_jax.cli.batches             the batches of given steps (.npz or text)
 btlm-harness       btlm_jax.harness                 lm-evaluation-harness tasks
 btlm-dedup         btlm_jax.data.dedup              SlimPajama-style MinHash-LSH dedup
 btlm-sweep         launch.sweep                     grids of runs (local or SLURM)

@@ -2,8 +2,8 @@
 
 ``data.mixture`` is one of
 
-* empty: the data's natural proportions (each source weighted by its size in bytes, a good proxy
-  for tokens);
+* empty: the data's natural proportions (each source weighted by its tokens: the exact counts of
+  the packed store, :func:`btlm_jax.data.pipeline.mixture_weights`);
 * ``"src=w,src=w,..."``: explicit weights (normalised to sum to 1); sources of the data that are
   not named get weight 0 and are not sampled;
 * a preset name from :data:`PRESETS` (below), written with RedPajama's source names.
@@ -73,7 +73,7 @@ def resolve_mixture(spec: str, source_names: list[str],
                     natural: Mapping[str, float]) -> dict[str, float]:
     """Normalised weights for every source of the data (0 for sources not sampled).
 
-    ``natural`` gives each source's size (e.g. bytes) for the empty spec. Raises DataError naming
+    ``natural`` gives each source's size in tokens for the empty spec. Raises DataError naming
     any source with positive weight that the data does not contain."""
     if not (spec or "").strip():
         weights = {s: float(natural.get(s, 0.0)) for s in source_names}

@@ -1,16 +1,25 @@
 """The training input: step-keyed batches read from a packed token store.
 
 The global batch of step ``i`` is a pure function of (``seed``, the data config, ``train.phases``,
-``i``): the same for every number of processes and every device mesh. Each process reads only its
-rows of it (:class:`StepData`), so resuming needs no replay and no iterator state, and a
-checkpoint written by N processes resumes on M processes with the same batches.
+the run's rollback log, ``i``): the same for every number of processes and every device mesh.
+Each process reads only its rows of it (:class:`StepData`), so resuming needs no replay and no
+iterator state, and a checkpoint written by N processes resumes on M processes with the same
+batches. The training loop (:mod:`btlm_jax.train.feed`) and the batch inspector
+(:mod:`btlm_jax.cli.batches`) read the batches through the same :meth:`StepData.rows`.
 
-    corpus files --(once, cached)--> packed store per (corpus, tokenizer, seq_len, packing)
-        (btlm_jax.data.store: every document tokenized and packed into rows, memory-mapped)
-    step i -> phase, row range [j*B, (j+1)*B) of the phase's row sequence
+    corpus files --(once, cached)--> packed store per (corpus, tokenizer, packing[, seq_len])
+        (btlm_jax.data.store: every document tokenized and packed, memory-mapped)
+    step i -> its segment (btlm_jax.data.positions: phase, start position in each source)
+           -> rows of the segment's row sequence [j*B, (j+1)*B)
            -> sources by the mixture (mixtures.Interleave: exact proportions at every step)
-           -> row k of source s = stored row perm_epoch(k mod rows_s) (EpochOrder)
+           -> row k of source s = row k from the segment's start in s's units, read in a
+              fresh random unit order every epoch (SourceUnits, EpochOrder)
            -> this process's rows [p*B/P, (p+1)*B/P)
+
+The data position is global across phases and rollbacks: each source has one cursor, a phase
+packs rows at its own length from the next unread unit, and a rollback skips data, never
+rewinds it; so a run whose phases add up to at most one pass over a source reads each token at
+most once (units, epochs and skips: :mod:`btlm_jax.data.positions`).
 
 Packing (``data.packing``, see :mod:`btlm_jax.data.store`): ``concat`` (BTLM: documents + EOS cut
 into rows) or ``document`` (whole documents, segment ids and per-document positions; attention
@@ -26,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import threading
 from typing import Any
@@ -33,7 +43,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from btlm_jax.data import mixtures, sample, slimpajama
+from btlm_jax.data import mixtures, positions, sample, slimpajama
 from btlm_jax.data import store as store_lib
 from btlm_jax.data.slimpajama import DataError
 
@@ -108,11 +118,21 @@ def source_names(cfg) -> list[str]:
     return names
 
 
-def mixture_weights(cfg) -> dict[str, float]:
-    """The resolved per-source training weights (normalised; 0 = not sampled)."""
+def mixture_weights(cfg, tokenizer, log=None) -> dict[str, float]:
+    """The resolved per-source training weights (normalised; 0 = not sampled). The natural
+    mixture (``data.mixture`` empty) weights each source by its tokens: the exact counts of the
+    packed store the run trains from (built here if missing)."""
+    from btlm_jax.config import parse_phases
+
     corpus = load_corpus(cfg, train_spec(cfg), "data.train")
-    return mixtures.resolve_mixture(_get(cfg, "data.mixture", "") or "", corpus.source_names,
-                                    corpus.source_bytes())
+    spec = _get(cfg, "data.mixture", "") or ""
+    natural: dict[str, float] = {}
+    if not spec.strip():
+        phases = parse_phases(cfg)
+        st = open_store(cfg, tokenizer, train_spec(cfg), "data.train", phases[0][0], log=log,
+                        unit_tokens=unit_size(phases, _get(cfg, "data.packing", "concat")))
+        natural = {s: st.tokens(s) for s in st.source_names}
+    return mixtures.resolve_mixture(spec, corpus.source_names, natural)
 
 
 def skipped_records(cfg) -> int:
@@ -238,22 +258,24 @@ def corpus_identity(cfg, spec: str) -> list:
             _get(cfg, "data.on_error", "raise")]
 
 
-def open_store(cfg, tokenizer, spec: str, key: str, seq_len: int, log=None) -> store_lib.Store:
-    """The packed store of ``spec`` for this tokenizer, ``seq_len`` and ``data.packing``."""
+def open_store(cfg, tokenizer, spec: str, key: str, seq_len: int, log=None,
+               unit_tokens: int = 0) -> store_lib.Store:
+    """The packed store of ``spec`` for this tokenizer, ``seq_len`` and ``data.packing`` (a
+    document store in units of ``unit_tokens`` stream tokens when > 0)."""
     corpus = load_corpus(cfg, spec, key)
     return store_lib.open_or_build(
         corpus, corpus_identity(cfg, spec), tokenizer, cache_dir(cfg), seq_len=seq_len,
         packing=_get(cfg, "data.packing", "concat"),
-        num_workers=int(_get(cfg, "data.num_workers", 0) or 0), log=log)
+        num_workers=int(_get(cfg, "data.num_workers", 0) or 0), log=log, unit_tokens=unit_tokens)
 
 
 class EpochOrder:
-    """The order in which a source's ``n`` packed rows are read: arrival ``k`` is row
+    """The order in which a source's ``n`` units are read: unit position ``k`` is unit
     ``perm_e(k mod n)``, ``e = k // n``, a fresh permutation every epoch.
 
-    Up to :attr:`DENSE_MAX` rows the permutation of an epoch is NumPy's (``default_rng((seed,
+    Up to :attr:`DENSE_MAX` units the permutation of an epoch is NumPy's (``default_rng((seed,
     e)).permutation(n)``, cached for two epochs); above, Grain's index shuffle computes each entry
-    on its own (O(1) memory, about 35 us per row; it is slow on small ranges)."""
+    on its own (O(1) memory, about 35 us per unit; it is slow on small ranges)."""
 
     DENSE_MAX = 1 << 22
 
@@ -264,7 +286,8 @@ class EpochOrder:
         self._grain = None if self.n <= self.DENSE_MAX else \
             grain.MapDataset.range(self.n).shuffle(seed=self.seed)
 
-    def _perm(self, epoch: int) -> np.ndarray:
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The whole permutation of ``epoch`` (NumPy's, whatever ``n``)."""
         with self._lock:
             p = self._perms.get(epoch)
             if p is None:
@@ -282,37 +305,118 @@ class EpochOrder:
         epochs = ks // self.n
         for e in np.unique(epochs):
             m = epochs == e
-            out[m] = self._perm(int(e))[ks[m] % self.n]
+            out[m] = self.permutation(int(e))[ks[m] % self.n]
+        return out
+
+
+DOC_UNIT_ROWS = 32  # document packing with several lengths: units of 32 x the longest length
+
+
+def unit_size(phases, packing: str) -> int:
+    """The unit of the data position (:mod:`btlm_jax.data.positions`) in stream tokens: concat,
+    the least common multiple of the phases' lengths; document packing, 0 (one packed row) when
+    every phase has the same length, else ``DOC_UNIT_ROWS`` x the longest length."""
+    lengths = sorted({int(p[0]) for p in phases})
+    if packing == "concat":
+        return math.lcm(*lengths)
+    return 0 if len(lengths) == 1 else DOC_UNIT_ROWS * lengths[-1]
+
+
+class SourceUnits:
+    """One source's units in epoch order and where the rows of each phase lie in them.
+
+    ``per_unit[phase]`` is an int (every unit holds that many rows of the phase's length: concat
+    packing, or document packing with one row per unit) or an int64 array (document packing in
+    units: the first row of each unit, then the row count)."""
+
+    def __init__(self, name: str, n: int, seed: int):
+        self.name, self.n = name, int(n)
+        self.order = EpochOrder(self.n, seed)
+        self.per_unit: dict[int, Any] = {}
+        self._cum: dict[tuple[int, int], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _cumulative(self, phase: int, epoch: int) -> np.ndarray:
+        """Rows before each unit position of ``epoch`` (n + 1 entries), document units."""
+        key = (phase, epoch)
+        with self._lock:
+            c = self._cum.get(key)
+        if c is None:
+            off = self.per_unit[phase]
+            counts = np.diff(off)[self.order.permutation(epoch)]
+            c = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            with self._lock:
+                if len(self._cum) >= 8:
+                    self._cum.pop(next(iter(self._cum)))
+                self._cum[key] = c
+        return c
+
+    def _first_row(self, phase: int, start: int) -> int:
+        """Document units: the number of rows before unit position ``start``."""
+        per_epoch = int(self.per_unit[phase][-1])
+        e, p = divmod(int(start), self.n)
+        return e * per_epoch + int(self._cumulative(phase, e)[p])
+
+    def end(self, phase: int, start: int, rows: int) -> int:
+        """The unit position after the last of ``rows`` rows read from unit position ``start``."""
+        m = self.per_unit[phase]
+        if rows <= 0:
+            return int(start)
+        if isinstance(m, int):
+            return int(start) + -(-int(rows) // m)
+        per_epoch = int(m[-1])
+        e, w = divmod(self._first_row(phase, start) + int(rows) - 1, per_epoch)
+        p = int(np.searchsorted(self._cumulative(phase, e), w, "right")) - 1
+        return e * self.n + p + 1
+
+    def locate(self, phase: int, start: int, ks) -> np.ndarray:
+        """The store rows (at the phase's length) of rows ``ks`` counted from ``start``."""
+        ks = np.asarray(ks, np.int64)
+        m = self.per_unit[phase]
+        if isinstance(m, int):
+            pos = int(start) + ks // m
+            return self.order(pos) * m + ks % m
+        per_epoch = int(m[-1])
+        g = self._first_row(phase, start) + ks
+        out = np.empty(len(ks), np.int64)
+        epochs = g // per_epoch
+        for e in np.unique(epochs):
+            sel = epochs == e
+            w = g[sel] % per_epoch
+            cum = self._cumulative(phase, int(e))
+            p = np.searchsorted(cum, w, "right") - 1
+            out[sel] = m[self.order.permutation(int(e))[p]] + (w - cum[p])
         return out
 
 
 class StepData:
     """The training batches, keyed by step.
 
-    ``StepData(cfg, tokenizer, process_index, process_count).local_batch(step)`` is this process's
-    rows ``[p * B / P, (p + 1) * B / P)`` of the global batch of ``step`` (``B`` and the sequence
-    length from the step's phase, ``train.phases``); :meth:`rows` gives any stretch of it. The
-    global batch is the same for every process count and every device mesh, so a checkpoint needs
-    no data state and resumes on any number of processes.
+    ``StepData(cfg, tokenizer, process_index, process_count, rollbacks=...).local_batch(step)`` is
+    this process's rows ``[p * B / P, (p + 1) * B / P)`` of the global batch of ``step`` (``B``
+    and the sequence length from the step's phase, ``train.phases``); :meth:`rows` gives any
+    stretch of it. The global batch is a pure function of the config, the step and the run's
+    rollback log (:meth:`set_rollbacks`), the same for every process count and every device mesh,
+    so a checkpoint carries only the log and resumes on any number of processes.
 
-    The global batch of step ``i`` (``j = i - start of its phase``): rows ``j * B .. (j + 1) * B``
-    of the phase's row sequence, in which the sources follow :class:`mixtures.Interleave` (row
-    ``h`` is row number ``k`` of source ``s``), and row ``k`` of source ``s`` is row
-    ``perm_e(k mod R_s)`` of the source's packed store (``R_s`` rows), ``e = k // R_s`` the
-    epoch and ``perm_e`` a permutation seeded by (``seed``, phase, source) and ``e``
-    (:class:`EpochOrder`).
+    The global batch of step ``i`` (the batch index: ``i`` completed steps): rows ``j * B .. (j +
+    1) * B`` of its segment (``j = i -`` the segment's first step), in which the sources follow
+    :class:`mixtures.Interleave` (row ``h`` is row ``k`` of source ``s``), and row ``k`` of source
+    ``s`` is the ``k``-th row from the segment's start in the source's units, read in epoch order
+    (:class:`SourceUnits`, :class:`EpochOrder`); segments, units and epochs are described in
+    :mod:`btlm_jax.data.positions`.
 
     Every element is a dict of numpy arrays ``[rows, seq_len]``: ``inputs``, ``targets`` (int32),
     ``loss_mask`` (float32, 0 on padding), ``segment_ids``, ``positions`` (int32) and
     ``source_ids`` (int32 index into :func:`source_names`; -1 on padding).
 
     Attributes: ``source_names``, ``weights`` (resolved mixture), ``skipped_records`` (bad input
-    records skipped with ``data.on_error=skip``), ``phases``.
+    records skipped with ``data.on_error=skip``), ``phases``, ``rollbacks``.
     """
 
     def __init__(self, cfg, tokenizer, process_index: int = 0, process_count: int = 1, *,
-                 log=None):
-        from btlm_jax.config import parse_phases, phase_of
+                 log=None, rollbacks=()):
+        from btlm_jax.config import parse_phases
 
         if not 0 <= process_index < process_count:
             raise DataError(f"process_index={process_index} not in [0, {process_count})")
@@ -326,16 +430,36 @@ class StepData:
                                 f"{self.process_count} processes; use a multiple of it")
         self.seed = int(_get(cfg, "seed", 0))
         self.spec = train_spec(cfg)
+        self.packing = _get(cfg, "data.packing", "concat")
+        self.unit_tokens = unit_size(self.phases, self.packing)
         corpus = load_corpus(cfg, self.spec, "data.train")
         self.source_names = source_names(cfg)
-        self.weights = mixture_weights(cfg)
+        self.weights = mixture_weights(cfg, tokenizer, log=log)
         self.active = [s for s in corpus.source_names if self.weights[s] > 0]
         self.interleave = mixtures.Interleave([self.weights[s] for s in self.active])
         self.skipped_records = corpus.skipped
-        self._by_phase: dict[int, list] = {}
+        self._stores: dict[int, store_lib.Store] = {}
+        self._rows: dict[tuple[int, int], store_lib.Rows] = {}
+        self._units: list[SourceUnits] = []
+        self._open_lock = threading.Lock()
+        for i, s in enumerate(self.active):
+            self._units.append(SourceUnits(s, self._count_units(s), _seed_for(self.seed, "train",
+                                                                              s)))
         self._prefetch = int(_get(cfg, "data.prefetch", 2) or 0) > 0
         self._pool = None
         self._pending: dict[int, Any] = {}
+        self._plan = positions.Plan(self.phases, self.interleave, self, rollbacks)
+
+    # -- the rollback log ------------------------------------------------------------------------
+    @property
+    def rollbacks(self) -> list[positions.Rollback]:
+        return list(self._plan.rollbacks)
+
+    def set_rollbacks(self, rollbacks) -> None:
+        """Reads the batches of the trajectory the rollback log describes from now on."""
+        plan = positions.Plan(self.phases, self.interleave, self, rollbacks)
+        self._pending.clear()  # batches read ahead for the previous trajectory
+        self._plan = plan
 
     # -- steps and phases ------------------------------------------------------------------------
     @property
@@ -362,37 +486,79 @@ class StepData:
         n = b // self.process_count
         return self.process_index * n, (self.process_index + 1) * n
 
-    # -- rows --------------------------------------------------------------------------------------
-    def _sources(self, phase: int):
-        """Per active source: (Rows of the phase's store, shuffled row order)."""
-        if phase not in self._by_phase:
-            seq_len = self.phases[phase][0]
-            st = open_store(self.cfg, self.tokenizer, self.spec, "data.train", seq_len,
-                            log=self._log)
-            out = []
-            for s in self.active:
-                rows = st.rows(s, self.source_names.index(s), seq_len)
-                order = EpochOrder(len(rows), _seed_for(self.seed, "train", phase, s))
-                out.append((rows, order))
-            self._by_phase[phase] = out
-        return self._by_phase[phase]
+    # -- units and rows ----------------------------------------------------------------------------
+    def _store(self, phase: int) -> store_lib.Store:
+        seq_len = self.phases[phase][0]
+        key = 0 if self.packing == "concat" else seq_len  # one concat store serves every length
+        with self._open_lock:
+            if key not in self._stores:
+                self._stores[key] = open_store(self.cfg, self.tokenizer, self.spec, "data.train",
+                                               seq_len, log=self._log,
+                                               unit_tokens=self.unit_tokens)
+            return self._stores[key]
+
+    def _source_rows(self, i: int, phase: int) -> store_lib.Rows:
+        """Active source ``i``'s rows at ``phase``'s length (and its units' rows there)."""
+        key = (i, phase)
+        if key not in self._rows:
+            seq_len, s = self.phases[phase][0], self.active[i]
+            rows = self._store(phase).rows(s, self.source_names.index(s), seq_len)
+            u = self._units[i]
+            if self.packing == "concat":
+                u.per_unit[phase] = self.unit_tokens // seq_len
+            elif self.unit_tokens:
+                off = rows.unit_rows()
+                if len(off) != u.n + 1:
+                    raise DataError(f"the packed stores of {self.spec!r} at different lengths do "
+                                    f"not hold the same units of source {s!r}; clear "
+                                    f"{cache_dir(self.cfg)}/store and rerun")
+                u.per_unit[phase] = off
+            else:
+                u.per_unit[phase] = 1
+            self._rows[key] = rows
+        return self._rows[key]
+
+    def _count_units(self, source: str) -> int:
+        st = self._store(0)
+        idx = st.source_names.index(source)
+        tokens = st.tokens(source)
+        if self.packing == "concat":
+            n = (tokens - 1) // self.unit_tokens
+            if n < 1:
+                lengths = sorted({p[0] for p in self.phases})
+                why = ("the sequence length" if len(lengths) == 1 else
+                       f"the least common multiple of the phases' lengths {lengths}")
+                raise DataError(
+                    f"source {source!r} of {self.spec!r} has {tokens} tokens, fewer than one row "
+                    f"of {self.unit_tokens} + 1 ({why}); add data, give the source weight 0 "
+                    "(data.mixture) or use phase lengths that divide the longest")
+            return n
+        if self.unit_tokens:
+            return int(st.meta["sources"][idx]["units"])
+        return int(st.meta["sources"][idx]["rows"])
+
+    def end(self, source: int, phase: int, start: int, rows: int) -> int:
+        """:class:`btlm_jax.data.positions.Layout`: see :meth:`SourceUnits.end`."""
+        self._source_rows(source, phase)
+        return self._units[source].end(phase, start, rows)
 
     def rows(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Rows ``lo .. hi - 1`` of the global batch of ``step``."""
+        """Rows ``lo .. hi - 1`` of the global batch of ``step`` (its batch index)."""
         phase = self.phase_of(step)
         seq_len, b, _ = self.phases[phase]
         if not 0 <= lo <= hi <= b:
             raise IndexError(f"rows [{lo}, {hi}) of a global batch of {b}")
-        h0 = (step - self.phase_start(phase)) * b
-        assign = self.interleave.rows(h0 + lo, h0 + hi)
+        seg, assign = self._plan.rows(step, lo, hi)
         out = {f: np.empty((hi - lo, seq_len), np.float32 if f == "loss_mask" else np.int32)
                for f in FIELDS}
         src = np.asarray([s for s, _ in assign], np.int64)
-        for i, (rows, order) in enumerate(self._sources(phase)):
+        ks = np.asarray([k for _, k in assign], np.int64)
+        for i, u in enumerate(self._units):
             where = np.flatnonzero(src == i)
             if len(where) == 0:
                 continue
-            got = rows.take(order([assign[w][1] for w in where]))
+            rows = self._source_rows(i, phase)
+            got = rows.take(u.locate(phase, seg.units[i], ks[where]))
             for f in FIELDS:
                 out[f][where] = got[f]
         return out
@@ -415,7 +581,9 @@ class StepData:
             import concurrent.futures
 
             self._pool = concurrent.futures.ThreadPoolExecutor(1, "btlm-data")
-        self._sources(self.phase_of(step + 1))  # open (or build) the store in this thread
+        nxt = self.phase_of(step + 1)
+        for i in range(len(self._units)):  # open (or build) the next phase's store in this thread
+            self._source_rows(i, nxt)
         self._pending[step + 1] = self._pool.submit(self._local, step + 1)
         return out
 

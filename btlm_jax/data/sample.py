@@ -10,8 +10,11 @@ Python installation carries:
 
 The corpus is written exactly like SlimPajama: ``train/chunk1/example_train_K.jsonl.zst`` and
 ``validation/chunk1/example_holdout_K.jsonl.zst``, one ``{"text", "meta": {"redpajama_set_name"}}``
-object per line. It is deterministic for a given Python installation, built once into the cache
-directory (a few MB, a few seconds) and rebuilt only when missing. The build writes into a
+object per line. The held-out split is by origin: everything derived from one standard-library
+file (its source and its docstrings) is on the same side, chosen by a hash of the file's path
+(pydoc topics by their name), so no held-out text sits inside a training document. It is
+deterministic for a given Python installation, built once into the cache directory (a few MB, a
+few seconds) and rebuilt only when missing. The build writes into a
 temporary sibling directory and renames it into place, so an interrupted build is never used.
 """
 
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from btlm_jax.data import slimpajama
 
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2  # 2: held out by file (source and docstrings of one module on one side)
 SOURCES = ("PythonStdlibCode", "PydocTopics", "PythonDocstrings")
 
 # Byte budgets per source (uncompressed text). Small enough to build in seconds on 2 cores.
@@ -36,7 +39,7 @@ _CODE_BUDGET = 3_000_000
 _DOCSTRING_BUDGET = 1_200_000
 _MAX_CODE_FILE = 60_000
 _MIN_DOC_CHARS = 200
-_HOLDOUT_EVERY = 20  # ~5% of documents (chosen by a hash of the document's name) are held out
+_HOLDOUT_EVERY = 20  # ~5% of the files / topics (by a hash of the file's path) are held out
 _DOCS_PER_SHARD = 400
 
 
@@ -154,12 +157,19 @@ def corpus_dir(cache_dir: str | None = None) -> Path:
     return default_cache_dir(cache_dir) / "sample_corpus" / tag
 
 
+def held_out(source: str, name: str) -> bool:
+    """Whether the document ``name`` of ``source`` is in the held-out split: by origin, so the
+    code and the docstrings of one file (both named by its path) are on the same side."""
+    origin = f"topic:{name}" if source == "PydocTopics" else f"file:{name}"
+    return _h(f"split:{origin}") % _HOLDOUT_EVERY == 0
+
+
 def _write(out: Path, docs_by_source: dict[str, list[tuple[str, str]]]) -> None:
     train, hold = [], []
     for source in SOURCES:
         for name, text in docs_by_source[source]:
             rec = {"text": text, "meta": {"redpajama_set_name": source}}
-            (hold if _h(f"split:{source}:{name}") % _HOLDOUT_EVERY == 0 else train).append(
+            (hold if held_out(source, name) else train).append(
                 (_h(f"order:{source}:{name}"), rec))
     # Interleave sources across shards like SlimPajama does (documents are shuffled).
     for split, recs, prefix in (("train", train, "example_train"),

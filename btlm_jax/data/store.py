@@ -23,7 +23,12 @@ Packing (``data.packing``):
 * ``document``: documents are placed whole into rows (one longer than an empty row is split across
   rows); a document contributes ``inputs = [EOS] + ids``, ``targets = ids + [EOS]``;
   ``segment_ids`` number the documents of a row 1, 2, ... (0 = padding) and ``positions`` restart
-  at 0 in every segment. The last row of a source is padded.
+  at 0 in every segment. The last row of a source is padded. With ``unit_tokens = U > 0`` (a run
+  whose phases have several lengths) the documents are grouped into *units* by where they start in
+  the source's token stream (unit ``u``: the documents whose first token lies in ``[uU, (u+1)U)``)
+  and each unit is packed on its own (its last row padded), so the stores of every length hold the
+  same documents in unit ``u``; ``src{i}.units.bin`` (int64, units + 1) gives each unit's first
+  row. :mod:`btlm_jax.data.positions` reads units, not rows, across phases.
 
 The build writes into a temporary sibling directory and renames it into place under a file lock,
 so concurrent processes (several local processes sharing one cache) build it once and an
@@ -47,7 +52,7 @@ import numpy as np
 
 from btlm_jax.data.slimpajama import Corpus, DataError
 
-STORE_VERSION = 1
+STORE_VERSION = 1  # a document store with units has its own key (``unit_tokens``)
 DOCS_PER_CHUNK = 256
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
 
@@ -63,10 +68,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:20]
 
 
-def store_key(corpus_identity, tokenizer, seq_len: int, packing: str) -> str:
+def store_key(corpus_identity, tokenizer, seq_len: int, packing: str,
+              unit_tokens: int = 0) -> str:
     length = int(seq_len) if packing == "document" else None  # a concat stream fits any length
-    ident = json.dumps([STORE_VERSION, corpus_identity, tokenizer_fingerprint(tokenizer),
-                        length, packing], sort_keys=True, default=str)
+    parts = [STORE_VERSION, corpus_identity, tokenizer_fingerprint(tokenizer), length, packing]
+    if packing == "document" and unit_tokens:
+        parts.append(["units", int(unit_tokens)])
+    ident = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
@@ -105,6 +113,7 @@ class Rows:
             if int(meta["seq_len"]) != self.L:
                 raise ValueError(f"{path} is packed at seq_len {meta['seq_len']}, not {self.L}")
             self.num_rows = int(s["rows"])
+        self.unit_tokens = int(meta.get("unit_tokens") or 0)
         self.dtype, self.seg_dtype = np.dtype(meta["token_dtype"]), np.dtype(meta["segment_dtype"])
         self._mm: dict | None = None
 
@@ -129,6 +138,13 @@ class Rows:
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def unit_rows(self) -> np.ndarray:
+        """A document store with units: the first row of each unit, then the row count
+        (int64, units + 1)."""
+        if not self.unit_tokens:
+            raise ValueError(f"{self.path} is not packed in units")
+        return np.fromfile(os.path.join(self.path, f"src{self.index}.units.bin"), np.int64)
 
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
         return {k: v[0] for k, v in self.take(np.asarray([r])).items()}
@@ -261,9 +277,11 @@ def _chunks(corpus: Corpus, tokenizer, docs: np.ndarray, workers: int):
 
 
 def build(corpus: Corpus, tokenizer, path: str | os.PathLike, *, seq_len: int, packing: str,
-          num_workers: int = 0, log: Callable[[str], None] | None = None) -> dict:
+          num_workers: int = 0, log: Callable[[str], None] | None = None,
+          unit_tokens: int = 0) -> dict:
     """Tokenizes and packs ``corpus`` into a new store at ``path`` (must not exist);
-    ``seq_len`` is the row length of document packing (a concat store has no fixed length).
+    ``seq_len`` is the row length of document packing (a concat store has no fixed length), and
+    ``unit_tokens`` > 0 packs a document store in units of that many stream tokens.
 
     Returns the build statistics (documents, tokens, seconds)."""
     if packing not in ("concat", "document"):
@@ -289,19 +307,29 @@ def build(corpus: Corpus, tokenizer, path: str | os.PathLike, *, seq_len: int, p
                      "targets": _Writer(base + ".targets.bin", tdt),
                      "segments": _Writer(base + ".segments.bin", sdt)}
                 packer = _DocumentPacker(seq_len, tokenizer.eos_id, w)
+            units: list[int] = []  # first row of each unit (document packing in units)
             for chunk in _chunks(corpus, tokenizer, docs, num_workers):
                 for ids in chunk:
                     doc = np.append(ids, tokenizer.eos_id)
-                    ntok += len(doc)
-                    ndoc += 1
                     if packing == "concat":
                         w["tokens"].write(doc)
                     else:
+                        if unit_tokens:
+                            unit = ntok // unit_tokens
+                            if unit >= len(units):  # the document starts a new unit
+                                packer.flush()
+                                units += [packer.rows] * (unit + 1 - len(units))
                         packer.add(doc)
+                    ntok += len(doc)
+                    ndoc += 1
             src = {"name": name, "documents": ndoc, "tokens": ntok}
             if packing == "document":
                 packer.flush()
                 src["rows"] = packer.rows
+                if unit_tokens:
+                    units += [packer.rows] * (-(-ntok // unit_tokens) + 1 - len(units))
+                    np.asarray(units, np.int64).tofile(base + ".units.bin")
+                    src["units"] = len(units) - 1
             for x in w.values():
                 x.close()
             sources.append(src)
@@ -310,6 +338,7 @@ def build(corpus: Corpus, tokenizer, path: str | os.PathLike, *, seq_len: int, p
         seconds = time.perf_counter() - t0
         meta = {"version": STORE_VERSION, "packing": packing,
                 "seq_len": int(seq_len) if packing == "document" else None,
+                "unit_tokens": int(unit_tokens) if packing == "document" else 0,
                 "token_dtype": tdt.name, "segment_dtype": sdt.name, "eos_id": tokenizer.eos_id,
                 "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer_fingerprint(tokenizer),
                 "corpus": corpus.spec, "sources": sources, "documents": total_docs,
@@ -338,10 +367,11 @@ def _locked(lock_path: Path):
 
 def open_or_build(corpus: Corpus, corpus_identity, tokenizer, cache_dir: str | os.PathLike, *,
                   seq_len: int, packing: str, num_workers: int = 0,
-                  log: Callable[[str], None] | None = None) -> Store:
-    """The store for (corpus, tokenizer, packing[, seq_len]) from ``cache_dir``, built if
-    missing."""
-    key = store_key(corpus_identity, tokenizer, seq_len, packing)
+                  log: Callable[[str], None] | None = None, unit_tokens: int = 0) -> Store:
+    """The store for (corpus, tokenizer, packing[, seq_len, unit_tokens]) from ``cache_dir``,
+    built if missing."""
+    unit_tokens = int(unit_tokens) if packing == "document" else 0
+    key = store_key(corpus_identity, tokenizer, seq_len, packing, unit_tokens)
     path = Path(cache_dir) / "store" / key
     if not (path / "meta.json").exists():
         with _locked(path.with_name(key + ".lock")):
@@ -349,5 +379,5 @@ def open_or_build(corpus: Corpus, corpus_identity, tokenizer, cache_dir: str | o
                 if path.exists():
                     shutil.rmtree(path)
                 build(corpus, tokenizer, path, seq_len=seq_len, packing=packing,
-                      num_workers=num_workers, log=log)
+                      num_workers=num_workers, log=log, unit_tokens=unit_tokens)
     return Store(path)

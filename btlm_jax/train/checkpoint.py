@@ -1,10 +1,10 @@
 """Orbax checkpoints of the train state plus the data state (exact resume).
 
 A checkpoint step directory holds two items: ``state`` (params, optimizer state, step; sharded
-arrays restored onto the current mesh) and ``data`` (JSON, written once by process 0: the phase and
-the global per-source token counters). There is no data-iterator state: the batches are keyed by
-the step (:mod:`btlm_jax.train.feed`), so a resumed run, on any number of processes, sees exactly
-the batches an uninterrupted run would.
+arrays restored onto the current mesh) and ``data`` (JSON, written once by process 0: the phase,
+the global per-source token counters and the run's rollback log). There is no data-iterator
+state: the batches are keyed by the step and the rollback log (:mod:`btlm_jax.train.feed`), so a
+resumed run, on any number of processes, sees exactly the batches an uninterrupted run would.
 
 :meth:`Checkpointer.restore_latest` walks back from the newest step to the newest one that reads
 completely: a step that is incomplete or corrupt (an empty step directory, missing metadata, a
@@ -12,6 +12,11 @@ truncated array file) is skipped with one line saying why, while a checkpoint of
 model (readable metadata whose tree or shapes differ from the config's) is refused with
 :class:`CheckpointMismatchError`, never skipped. Failures of an asynchronous save are raised at the
 next :meth:`Checkpointer.check` (the loop calls it every step), not after the run.
+
+Retention: the newest ``checkpoint.keep`` steps (Orbax's ``LatestN``), and whatever steps
+:meth:`Checkpointer.protect` names (Orbax's ``AnyPreservationPolicy`` over both): the divergence
+guard (:mod:`btlm_jax.train.guard`) protects the newest good checkpoint and the one a rollback
+would restore, so keep-N never deletes them, even with ``checkpoint.keep=1``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_policy
 
 from btlm_jax.errors import DiskFullError, enospc_path, is_enospc, quiet_disk_full_logs
 
@@ -74,14 +80,29 @@ def _shapes(tree) -> dict[str, tuple]:
             if hasattr(v, "shape")}
 
 
+class _Protected:
+    """An Orbax preservation policy keeping the steps a callable names when a save decides what
+    to delete (the callable is read then, so it follows the guard's bookkeeping)."""
+
+    def __init__(self, steps: Callable[[], set]):
+        self.steps = steps
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        keep = self.steps()
+        return [c.step in keep for c in checkpoints]
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
+        self._protected: Callable[[], set] = set
         quiet_disk_full_logs()  # a full disk is reported once, by _disk_full
+        policy = None if read_only else ocp_policy.AnyPreservationPolicy(
+            [ocp_policy.preservation_policy.LatestN(n=keep), _Protected(lambda: self._protected())])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else keep,
+            preservation_policy=policy,
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save and not read_only,
             create=not read_only, read_only=read_only,
@@ -91,8 +112,16 @@ class Checkpointer:
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": ocp.JsonCheckpointHandler()})
 
+    def protect(self, steps: Callable[[], set]) -> None:
+        """Keep-N never deletes the steps ``steps()`` names when a save is made."""
+        self._protected = steps
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def delete(self, step: int) -> None:
+        """Deletes checkpoint ``step`` (all processes call it together)."""
+        self.manager.delete(step)
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -206,6 +235,16 @@ class Checkpointer:
                 f"({type(e).__name__}: {first}); an array file is truncated or missing") from e
         return restored["state"], restored["data"]
 
+    def restore_data(self, step: int) -> dict:
+        """Only the data state of ``step`` (token counters, rollback log): no arrays are read."""
+        try:
+            return self.manager.restore(
+                step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] or {}
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointCorruptError(
+                f"the data state of checkpoint step {step} in {self.directory} cannot be read "
+                f"({type(e).__name__})") from e
+
     def restore_latest(self, abstract_state: Any, log: Callable[[str], None] = _say
                        ) -> tuple[int, Any, dict] | None:
         """The newest step that restores completely, as ``(step, state, data)``; None when the
@@ -217,7 +256,7 @@ class Checkpointer:
                 state, data = self.restore(step, abstract_state)
             except CheckpointCorruptError as e:
                 skipped.append(f"step {step}: {e}")
-                aside = "" if self.read_only else f" (moved to {self._set_aside(step)})"
+                aside = "" if self.read_only else f" (moved to {self.set_aside(step)})"
                 log(f"skipping checkpoint step {step}: {e}{aside}; trying the previous one")
                 continue
             if skipped and not self.read_only:
@@ -229,11 +268,11 @@ class Checkpointer:
                 "Move the directory away to start the run over")
         return None
 
-    def _set_aside(self, step: int) -> str:
-        """Moves a corrupt step out of the way (the run writes that step again), keeping it for
-        inspection next to the checkpoints: ``RUN/checkpoints.corrupt/STEP[.N]``."""
+    def set_aside(self, step: int, why: str = "corrupt") -> str:
+        """Moves a step out of the way (the run writes that step again), keeping it for
+        inspection next to the checkpoints: ``RUN/checkpoints.<why>/STEP[.N]``."""
         src = Path(self.directory) / str(step)
-        dst_dir = Path(self.directory + ".corrupt")
+        dst_dir = Path(f"{self.directory}.{why}")
         dst = dst_dir / str(step)
         n = 1
         while dst.exists():

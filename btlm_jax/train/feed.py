@@ -1,14 +1,16 @@
 """The training data as the loop consumes it: each step's global batch, and the token counters.
 
 The batches are step-keyed (:class:`btlm_jax.data.pipeline.StepData`): the global batch of step
-``i`` is a pure function of the config and ``i``, whatever the number of processes, and each
-process reads only the rows its devices hold. So the only data state a checkpoint carries is the
-per-source token counters; the position in the data is the step itself, and a checkpoint written
-by N processes resumes on M processes with the same batches.
+``i`` is a pure function of the config, ``i`` and the run's rollback log, whatever the number of
+processes, and each process reads only the rows its devices hold. So the only data state a
+checkpoint carries is the rollback log and the per-source token counters; the position in the data
+follows from the step and the log (:mod:`btlm_jax.data.positions`), and a checkpoint written by N
+processes resumes on M processes with the same batches.
 
 The counters are counted inside the jitted train step (``tokens_per_source`` in its metrics: the
 loss-masked target tokens of the whole global batch per source), so they are global by
-construction; the throughput (``tokens_per_sec``) is computed from the same counts.
+construction; the throughput (``tokens_per_sec``) is computed from the same counts. A rollback
+sets them back to the restored checkpoint's: they count the tokens of the trained trajectory only.
 """
 
 from __future__ import annotations
@@ -36,11 +38,19 @@ class TrainFeed:
         self._pending: list = []  # per-step tokens_per_source device arrays not yet added up
         self._window = 0  # tokens added up since the last take_tokens()
 
-    def restore(self, saved: dict | None) -> None:
-        """Resumes the token counters from a checkpoint's data state (the step is the data
-        position; an older checkpoint's iterator state is ignored)."""
-        if saved:
-            self.counters.update(saved.get("tokens_per_source") or {})
+    def restore(self, saved: dict | None, rollbacks=None) -> None:
+        """Resumes the token counters and the rollback log (``rollbacks``, default: the
+        checkpoint's) from a checkpoint's data state (an older checkpoint's iterator state is
+        ignored)."""
+        saved = saved or {}
+        self.counters = {s: 0 for s in self.sources}
+        self.counters.update(saved.get("tokens_per_source") or {})
+        self._pending, self._window = [], 0
+        self.data.set_rollbacks(saved.get("rollbacks") or [] if rollbacks is None else rollbacks)
+
+    @property
+    def rollbacks(self) -> list:
+        return self.data.rollbacks
 
     def next(self, step: int) -> dict:
         """This process's rows ``[p * B / P, (p + 1) * B / P)`` of the batch of step ``step``."""
@@ -108,7 +118,8 @@ class TrainFeed:
 
     def state(self) -> dict:
         self._flush()
-        return {"phase": self.phase, "tokens_per_source": dict(self.counters)}
+        return {"phase": self.phase, "tokens_per_source": dict(self.counters),
+                "rollbacks": [r.to_json() for r in self.rollbacks]}
 
     def close(self) -> None:
         self.data.close()

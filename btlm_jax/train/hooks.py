@@ -7,7 +7,10 @@ the sinks, advance the progress bar, save a checkpoint, honour preemption. Add a
 :meth:`Hooks.add` to run your own work at a period (e.g. a probe every 500 steps).
 
 Sinks receive each logged record: :class:`JsonlSink` (``metrics.jsonl``), :class:`TensorBoardSink`
-and :class:`WandbSink` (``logging.wandb=True``).
+and :class:`WandbSink` (``logging.wandb=True``). ``metrics.jsonl`` holds the run's current
+trajectory: one record per logged step, and one record per rollback (``"rollback": i``, the
+``i``-th entry of the run's rollback log, written at the step that diverged); a rollback or a
+resume rewinds it (:meth:`JsonlSink.rewind`), so no record of a discarded or lost step stays.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Context:
     phase: int = 0
     seq_len: int = 0
     record: dict | None = None  # the metrics record being logged at this step, if any
+    restarted: bool = False  # a rollback replaced the state: the step's remaining hooks skip
     stop: bool = False
     preempted: bool = False
     last_record: dict = dataclasses.field(default_factory=dict)
@@ -67,7 +71,10 @@ class Hooks:
         self.closers.append(fn)
 
     def __call__(self, ctx: Context) -> None:
+        ctx.restarted = False
         for h in self.hooks:
+            if ctx.restarted:  # rolled back: ctx.step is the restored checkpoint's
+                break
             if h.due(ctx):
                 h.fn(ctx)
 
@@ -86,28 +93,34 @@ def _finite_scalars(record: dict) -> dict:
 
 
 class JsonlSink:
-    """``metrics.jsonl``: one JSON object per logged step (process 0 writes)."""
+    """``metrics.jsonl``: one JSON object per logged step and per rollback (process 0 writes)."""
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, rollbacks: int = 0):
         self.path = path
-        if self.path.exists():
-            # Lines past the restored checkpoint came from work that was lost; they are logged
-            # again (identically) by this run, so drop them to keep one line per step.
-            kept = []
-            for ln in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(ln)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash or a full disk
-                if rec.get("step", 0) <= resume_step:
-                    kept.append(ln)
-            # rewritten whole or not at all (a full disk leaves the old file)
-            tmp = self.path.with_name(self.path.name + ".tmp")
+        # Lines past the restored checkpoint came from work that was lost; they are logged
+        # again by this run, so drop them to keep one line per step.
+        self.rewind(resume_step, rollbacks)
+
+    def rewind(self, step: int, rollbacks: int) -> None:
+        """Keeps the records of steps up to ``step`` and of the first ``rollbacks`` rollbacks."""
+        if not self.path.exists():
+            return
+        kept = []
+        for ln in self.path.read_text().splitlines():
             try:
-                tmp.write_text("".join(ln + "\n" for ln in kept))
-                os.replace(tmp, self.path)
-            finally:
-                tmp.unlink(missing_ok=True)
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash or a full disk
+            if ("rollback" in rec and rec["rollback"] <= rollbacks) or (
+                    "rollback" not in rec and rec.get("step", 0) <= step):
+                kept.append(ln)
+        # rewritten whole or not at all (a full disk leaves the old file)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def write(self, record: dict):
         # JSON has no inf/nan (e.g. tau is infinite while the LR is 0): write null instead.
@@ -142,6 +155,9 @@ class TensorBoardSink:
         for k, v in _finite_scalars(record).items():
             self.tb.add_scalar(k, v, record["step"])
 
+    def rewind(self, step: int, rollbacks: int) -> None:
+        pass  # event files are append-only; TensorBoard shows the restart
+
     def close(self):
         self.tb.close()
 
@@ -169,6 +185,9 @@ class WandbSink:
     def write(self, record: dict):
         self.run.log(_finite_scalars(record), step=int(record["step"]))
 
+    def rewind(self, step: int, rollbacks: int) -> None:
+        pass  # W&B's history is append-only
+
     def close(self):
         self.run.finish()
 
@@ -187,10 +206,10 @@ def _stable_id(run_path: Path) -> str:
     return hashlib.sha1(str(run_path).encode()).hexdigest()[:16]
 
 
-def make_sinks(cfg, run_path: Path, resume_step: int) -> list:
+def make_sinks(cfg, run_path: Path, resume_step: int, rollbacks: int = 0) -> list:
     if jax.process_index() != 0:
         return []
-    sinks: list = [JsonlSink(run_path / "metrics.jsonl", resume_step)]
+    sinks: list = [JsonlSink(run_path / "metrics.jsonl", resume_step, rollbacks)]
     if cfg.logging.tensorboard:
         sinks.append(TensorBoardSink(run_path / "tensorboard"))
     if cfg.logging.wandb:
@@ -218,7 +237,7 @@ class ProgressBar:
             if "eval_loss" in rec:
                 post["eval"] = f"{rec['eval_loss']:.3f}"
             self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
+        self.bar.update(ctx.step - self.bar.n)  # 1, or back after a rollback
 
     def close(self):
         self.bar.close()

@@ -4,8 +4,10 @@ Data flow: config -> :class:`~btlm_jax.train.program.Program` (pure: mesh, model
 shardings, jitted steps) -> this loop (data feed, hooks) -> :func:`~btlm_jax.train.step.train_step`
 -> :class:`~btlm_jax.models.btlm.BTLM`. The run directory (:mod:`btlm_jax.train.run_dir`) holds
 everything needed to resume exactly: ``config.json``, ``tokenizer/``, ``checkpoints/`` (Orbax,
-with the token counters: the data position is the step, see :mod:`~btlm_jax.train.feed`),
-``metrics.jsonl`` and TensorBoard events.
+with the token counters and the rollback log: the data position follows from the step and the
+log, see :mod:`~btlm_jax.train.feed`), ``rollbacks.json``, ``metrics.jsonl`` and TensorBoard
+events. A divergence stops the run or rolls it back (:mod:`~btlm_jax.train.guard`): the loop then
+continues from the restored checkpoint's step.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from btlm_jax.train.hooks import Context, Hooks, ProgressBar, Throughput, make_s
 from btlm_jax.train.lock import workdir_lock
 from btlm_jax.train.preemption import StopVote
 from btlm_jax.train.program import Program
-from btlm_jax.train.run_dir import Preemption, RunDir, log
+from btlm_jax.train.run_dir import (Preemption, RunDir, log, resumed_rollbacks,
+                                    write_rollbacks)
 
 _MEASURED_PEAKS: dict[str, float] = {}  # dtype -> TFLOP/s of this process's device
 
@@ -59,7 +62,8 @@ def eval_metrics(program: Program, feed: TrainFeed, params, seq_len: int) -> dic
 
 def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Preemption,
                   start: int) -> Hooks:
-    """The loop's periodic work, in order: record, evaluate, check, write, progress, save, stop."""
+    """The loop's periodic work, in order: count, record, evaluate, check, write, progress, save,
+    stop. After a rollback (in check or save) the step's remaining hooks are skipped."""
     cfg, hooks, rate = run.cfg, Hooks(), Throughput()
 
     def record(ctx: Context):
@@ -83,9 +87,9 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
             ctx.record.update(harness_metrics(cfg, program.model, ctx.state.params,
                                               run.tokenizer))
 
-    sinks = make_sinks(cfg, run.path, start)
+    sinks = make_sinks(cfg, run.path, start, len(feed.rollbacks))
     # every step: loss / grad norm finite (and no loss spike) before anything is saved
-    guard = DivergenceGuard(cfg, run.checkpoint_dir, ckpt, program.abstract_state, sinks, log)
+    guard = DivergenceGuard(cfg, run, ckpt, program.abstract_state, feed, sinks, log)
 
     def write(ctx: Context):
         if ctx.record is not None:
@@ -93,23 +97,12 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
                 s.write(ctx.record)
             ctx.last_record = ctx.record
 
-    saved = {"step": -1}
-
-    def save(ctx: Context):
-        guard.verify(ctx)  # raises (or rolls back) if a step since the last check diverged
-        if saved["step"] == ctx.step:
-            return
-        ckpt.save(ctx.step, ctx.state, feed.state(), force=True)
-        saved["step"] = ctx.step
-        guard.saved(ctx.step)
-
     vote = StopVote()
 
     def stop_if_preempted(ctx: Context):
         # every process votes every step; all stop (and save, collectively) at the same step
         if vote.vote(pre.requested):
-            if saved["step"] != ctx.step:
-                save(ctx)
+            guard.save(ctx)  # (verified first; a rollback there leaves the restored step saved)
             ctx.stop = ctx.preempted = True
             why = f"{pre.name} received" if pre.requested else "another process was preempted"
             who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
@@ -125,7 +118,7 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
         bar = ProgressBar(program.total_steps, start)
         hooks.add("progress", 1, bar.update)
         hooks.on_close(bar.close)
-    hooks.add("checkpoint", cfg.checkpoint.every_steps, save)
+    hooks.add("checkpoint", cfg.checkpoint.every_steps, guard.save)
     hooks.add("preemption", 1, stop_if_preempted)
     for s in sinks:
         hooks.on_close(s.close)
@@ -133,12 +126,20 @@ def default_hooks(run: RunDir, program: Program, feed: TrainFeed, ckpt, pre: Pre
 
 
 def restore_or_init(program: Program, ckpt, feed: TrainFeed, run: RunDir):
+    """The latest checkpoint's state, token counters and rollback log (else a fresh state);
+    ``RUN/rollbacks.json`` is rewritten to the log the run continues with."""
     found = ckpt.restore_latest(program.abstract_state, log)  # skips corrupt steps, one line each
     if found is None:
+        feed.restore(None, rollbacks=[])
+        write_rollbacks(run.path, [])
         return program.init_state()
     latest, state, saved = found
-    feed.restore(saved)
-    log(f"resumed from {run.checkpoint_dir} at step {latest}")
+    feed.restore(saved, rollbacks=resumed_rollbacks(run.path, latest,
+                                                    (saved or {}).get("rollbacks")))
+    write_rollbacks(run.path, feed.rollbacks)
+    n = len(feed.rollbacks)
+    log(f"resumed from {run.checkpoint_dir} at step {latest}"
+        + (f" ({n} rollback{'s' * (n > 1)} in its log)" if n else ""))
     return state
 
 

@@ -5,7 +5,9 @@ A run directory is self-contained::
     RUN/config.json      the resolved config the run trains with
     RUN/tokenizer/       the tokenizer the run trained with (copied in at start)
     RUN/checkpoints/     Orbax checkpoints
-    RUN/metrics.jsonl    one JSON object per logged step (plus TensorBoard / W&B sinks)
+    RUN/metrics.jsonl    one JSON object per logged step and per rollback (plus TensorBoard / W&B)
+    RUN/rollbacks.json   the rollback log of the run's current trajectory (also in each
+                         checkpoint's data state; see btlm_jax.data.positions and train.guard)
 
 :meth:`RunDir.for_training` is the only writer. :meth:`RunDir.open` reads a run (evaluate,
 generate, export, describe): it never writes to the directory, never builds a corpus and never
@@ -215,6 +217,48 @@ def _write_config(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(new, indent=2))
         os.replace(tmp, path)
+
+
+ROLLBACKS = "rollbacks.json"
+
+
+def write_rollbacks(run_path: Path, rollbacks) -> None:
+    """Writes the rollback log to ``RUN/rollbacks.json`` (process 0; whole or not at all)."""
+    if jax.process_index() != 0:
+        return
+    path = Path(run_path) / ROLLBACKS
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"rollbacks": [r.to_json() for r in rollbacks]}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_rollbacks(run_path: Path) -> list | None:
+    """The log in ``RUN/rollbacks.json`` (None when there is none)."""
+    from btlm_jax.data.positions import parse_rollbacks
+
+    path = Path(run_path) / ROLLBACKS
+    if not path.exists():
+        return None
+    try:
+        return parse_rollbacks(json.loads(path.read_text())["rollbacks"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{path} is not a rollback log ({e}); restore it or delete it (then the "
+                       "newest checkpoint's log is used)") from None
+
+
+def resumed_rollbacks(run_path: Path, step: int, saved) -> list:
+    """The rollback log a run resumed at checkpoint ``step`` continues with: the checkpoint's
+    own (``saved``), plus the rollbacks ``RUN/rollbacks.json`` logged after it that restored this
+    very checkpoint (a run that rolled back to it and stopped before its next checkpoint goes on
+    exactly as it did)."""
+    from btlm_jax.data.positions import parse_rollbacks
+
+    saved = parse_rollbacks(saved)
+    logged = read_rollbacks(run_path) or []
+    if logged[:len(saved)] != saved:
+        return saved
+    extra = logged[len(saved):]
+    return saved + extra if all(r.restored == step for r in extra) else saved
 
 
 class Preemption:
