@@ -178,22 +178,29 @@ def test_key_only_bias_equals_full_bias():
                                rtol=2e-4, atol=2e-4)
 
 
-def test_pallas_kernels_lower_to_triton_without_a_gpu():
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_pallas_kernels_lower_to_triton_without_a_gpu(d):
     # every op of the three kernels (forward, dK/dV, dQ) has a Triton lowering: lowered for CUDA
-    # from this CPU-only machine (compiling the Triton IR itself needs a GPU)
-    t, h, d = 96, 2, 80
+    # (an abstract H200) from this CPU-only machine, in float32 and bfloat16 with the tiling
+    # pallas_blocks gives at T = 2048 (compiling the Triton IR itself needs a GPU)
+    t, h = 2048, 2
     sl = jnp.full((h,), 0.1, jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, t))
     seg = jnp.ones((1, t), jnp.int32)
 
     def loss(q, k, v):
         return jnp.sum(A.pallas_attention(q, k, v, sl, pos, pos, seg, seg, scale=0.1,
-                                          block_q=32, block_k=32, interpret=False))
+                                          interpret=False).astype(jnp.float32))
 
-    x = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
-    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(x, x, x).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 3
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jax.ShapeDtypeStruct((1, t, h, d), dtype)
+        with A.abstract_gpu():
+            text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(x, x, x).lower(
+                lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 3
+        # the head dimension is tiled without padding: d 80 as 64 + 16 (was one 128)
+        assert all(f"x2048x{c}x" in text for c in A.head_chunks(d))
+        assert sum(A.head_chunks(d)) == d and (d == 128 or "x2048x128x" not in text)
 
 
 def test_block_size_errors_name_the_key():

@@ -7,17 +7,30 @@ embeddings, muP. Cerebras-GPT (GPT-3 style): learned absolute positions and a GE
 Functional Linen: ``logits = BTLM(cfg.model).apply({"params": params}, tokens)``. Parameters carry
 logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``, ``layers``) that
 :mod:`btlm_jax.parallel.mesh` maps to mesh axes; layers are stacked with ``nn.scan``.
+
+Physical padding (``model.pad_multiple``, default 128): the arrays along the ``vocab`` and ``mlp``
+axes are rounded up to a multiple of it (vocabulary 50257 -> 50304, SwiGLU 6826 -> 6912), so every
+matmul has aligned dimensions (1.6x the step rate of the 1.3B model on an H200). The *logical*
+model does not change: initial values are drawn at the logical shape and padded with zeros
+(same seed, same logical parameters), padded FFN units and embedding rows get exactly zero
+gradients so they stay zero under any optimizer that maps a zero gradient and a zero parameter
+to a zero update (AdamW, weight decay, clipping), and :meth:`BTLM.logits_from_hidden` -- the one
+place logits are made -- slices the padded logits off, so every consumer (loss, sampling,
+perplexity, the harness, ``load_model``) sees ``[..., vocab_size]``. :func:`to_logical` /
+:func:`to_physical` convert parameter trees (exports, imports, parameter counts).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from btlm_jax.models import attention as attention_lib
@@ -52,10 +65,144 @@ def constrain(x, axes):
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def _init(std: float, axes: tuple[str | None, ...]):
-    """Truncated normal clipped at 2 sigma (sigma of the untruncated normal, as in PyTorch)."""
-    return nn.with_logical_partitioning(
-        jax.nn.initializers.truncated_normal(std, lower=-2.0, upper=2.0), axes)
+def _init(std: float, axes: tuple[str | None, ...], logical: tuple[int | None, ...] = ()):
+    """Truncated normal clipped at 2 sigma (sigma of the untruncated normal, as in PyTorch).
+
+    ``logical`` (one entry per axis, None = the physical size) draws the values at the logical
+    shape and pads them with zeros to the physical one, so a padded model starts from the same
+    logical parameters as an unpadded one with the same seed.
+    """
+    init = jax.nn.initializers.truncated_normal(std, lower=-2.0, upper=2.0)
+    if any(n is not None for n in logical):
+        init = _drawn_at(init, logical)
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _drawn_at(init, logical):
+    def padded_init(key, shape, dtype=jnp.float32):
+        want = tuple(s if n is None else n for s, n in zip(shape, logical))
+        return jnp.pad(init(key, want, dtype), [(0, s - w) for s, w in zip(shape, want)])
+    return padded_init
+
+
+# ------------------------------------------------------------------------- physical padding
+def padded_size(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    multiple = max(1, int(multiple))
+    return -(-int(n) // multiple) * multiple
+
+
+def physical_sizes(model_cfg) -> dict[str, tuple[int, int]]:
+    """Logical axis name -> (logical size, physical size) for the padded axes."""
+    mult = int(getattr(model_cfg, "pad_multiple", 1) or 1)
+    v, f = int(model_cfg.vocab_size), int(model_cfg.d_ff)
+    return {"vocab": (v, padded_size(v, mult)), "mlp": (f, padded_size(f, mult))}
+
+
+# Where the padded axes sit in each parameter (negative: counted from the end, so a scanned
+# layer stack's leading axis does not move them). tests/test_padding.py checks this table against
+# the logical axis names the model gives its parameters.
+PADDED_PARAM_AXES: tuple[tuple[str, str, int], ...] = (
+    ("embed/embedding", "vocab", -2),
+    ("lm_head/kernel", "vocab", -1),
+    ("mlp/wi/kernel", "mlp", -1), ("mlp/wi/bias", "mlp", -1),
+    ("mlp/wi_0/kernel", "mlp", -1), ("mlp/wi_0/bias", "mlp", -1),
+    ("mlp/wi_1/kernel", "mlp", -1), ("mlp/wi_1/bias", "mlp", -1),
+    ("mlp/wo/kernel", "mlp", -2),
+)
+
+
+def _leaf_path(key_path) -> str:
+    parts = []
+    for k in key_path:
+        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        if name != "value":  # flax partitioning boxes
+            parts.append(str(name))
+    return "/".join(parts)
+
+
+def padded_axis(path: str) -> tuple[str, int] | None:
+    """(logical axis name, array axis) of the padded axis of parameter ``path``, or None."""
+    for suffix, name, axis in PADDED_PARAM_AXES:
+        if path == suffix or path.endswith("/" + suffix):
+            return name, axis
+    return None
+
+
+def _map_padded(params, model_cfg, fn):
+    sizes = physical_sizes(model_cfg)
+
+    def one(key_path, x):
+        hit = padded_axis(_leaf_path(key_path))
+        if hit is None:
+            return x
+        name, axis = hit
+        return fn(x, axis % x.ndim, *sizes[name])
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def to_logical(params, model_cfg):
+    """A parameter tree (physical shapes) cut to the logical shapes: the padded vocabulary rows
+    and FFN units removed. Works on NumPy, jax arrays and under ``jax.eval_shape``; a tree that
+    already has the logical shapes is returned unchanged."""
+    def cut(x, axis, logical, physical):
+        if x.shape[axis] == logical:
+            return x
+        if x.shape[axis] != physical:
+            raise ValueError(f"parameter axis of size {x.shape[axis]}: expected {logical} "
+                             f"(logical) or {physical} (padded, model.pad_multiple)")
+        return x[(slice(None),) * axis + (slice(0, logical),)]
+    return _map_padded(params, model_cfg, cut)
+
+
+def to_physical(params, model_cfg):
+    """A parameter tree with logical shapes padded with zeros to the physical shapes (an
+    imported checkpoint); a tree already at the physical shapes is returned unchanged."""
+    def pad(x, axis, logical, physical):
+        if x.shape[axis] == physical:
+            return x
+        if x.shape[axis] != logical:
+            raise ValueError(f"parameter axis of size {x.shape[axis]}: expected {logical} "
+                             f"(logical) or {physical} (padded, model.pad_multiple)")
+        xp = np if isinstance(x, np.ndarray) else jnp
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, physical - logical)
+        return xp.pad(x, widths)
+    return _map_padded(params, model_cfg, pad)
+
+
+def nonzero_padding(params, model_cfg) -> list[str]:
+    """The parameters (paths) whose padded rows / units hold anything but zeros (concrete
+    arrays): such a tree is not the logical model, since training keeps the padding exactly zero
+    (see the module docstring)."""
+    sizes, bad = physical_sizes(model_cfg), []
+    for key_path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        hit = padded_axis(_leaf_path(key_path))
+        if hit is None:
+            continue
+        logical, physical = sizes[hit[0]]
+        axis = hit[1] % x.ndim
+        if physical != logical and x.shape[axis] == physical:
+            tail = np.asarray(x)[(slice(None),) * axis + (slice(logical, None),)]
+            if np.any(tail != 0):
+                bad.append(_leaf_path(key_path))
+    return bad
+
+
+def logical_num_params(params, model_cfg) -> int:
+    """The number of parameters of the logical model (padding excluded) of a physical tree
+    (arrays or ShapeDtypeStructs)."""
+    sizes = physical_sizes(model_cfg)
+    total = 0
+    for key_path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        shape = list(x.shape)
+        hit = padded_axis(_leaf_path(key_path))
+        if hit is not None:
+            name, axis = hit
+            shape[axis % len(shape)] = min(shape[axis % len(shape)], sizes[name][0])
+        total += int(np.prod(shape))
+    return total
 
 
 def _zeros(axes):
@@ -145,20 +292,23 @@ class Mlp(nn.Module):
         sc = mup_scales(cfg)
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
 
-        def dense(features, std, axes, name):
+        d_ff, d_ff_phys = physical_sizes(cfg)["mlp"]
+
+        def dense(features, std, axes, name, logical):
+            # padded units: zero weights and biases, so silu(0) * 0 = gelu(0) = 0 and zero rows
+            # of wo; their gradients are exactly zero (see the module docstring)
             return nn.Dense(
                 features, use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype,
-                kernel_init=_init(std, axes), bias_init=_zeros((axes[-1],)), name=name)
+                kernel_init=_init(std, axes, logical), bias_init=_zeros((axes[-1],)), name=name)
 
+        wi = functools.partial(dense, d_ff_phys, sc.hidden_std, ("embed", "mlp"),
+                               logical=(None, d_ff))
         if cfg.activation == "swiglu":
-            gate = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi_0")(x)
-            up = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi_1")(x)
-            h = nn.silu(gate) * up
+            h = nn.silu(wi("wi_0")(x)) * wi("wi_1")(x)
         else:
-            h = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi")(x)
-            h = nn.gelu(h, approximate=(cfg.activation == "gelu_tanh"))
+            h = nn.gelu(wi("wi")(x), approximate=(cfg.activation == "gelu_tanh"))
         h = constrain(checkpoint_name(h, "mlp_hidden"), ("act_batch", "act_length", "act_mlp"))
-        return dense(cfg.d_model, sc.out_proj_std, ("mlp", "embed"), "wo")(h)
+        return dense(cfg.d_model, sc.out_proj_std, ("mlp", "embed"), "wo", (d_ff, None))(h)
 
 
 class Block(nn.Module):
@@ -215,9 +365,10 @@ class BTLM(nn.Module):
         sc = mup_scales(cfg)
         pdtype = DTYPES[cfg.param_dtype]
         self.scales = sc
+        vocab, vocab_phys = physical_sizes(cfg)["vocab"]
         self.embed = nn.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
-            embedding_init=_init(sc.embed_std, ("vocab", "embed")), name="embed")
+            vocab_phys, cfg.d_model, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
+            embedding_init=_init(sc.embed_std, ("vocab", "embed"), (vocab, None)), name="embed")
         if cfg.position == "learned":
             self.pos_embed = nn.Embed(
                 cfg.max_seq_len, cfg.d_model, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
@@ -239,8 +390,9 @@ class BTLM(nn.Module):
         self.ln_f = _layer_norm(cfg, "ln_f")
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
-                kernel_init=_init(sc.hidden_std, ("embed", "vocab")), name="lm_head")
+                vocab_phys, use_bias=False, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
+                kernel_init=_init(sc.hidden_std, ("embed", "vocab"), (None, vocab)),
+                name="lm_head")
 
     def __call__(self, tokens, segment_ids=None, positions=None, alibi_scale=1.0,
                  return_hidden=False):
@@ -330,9 +482,15 @@ class BTLM(nn.Module):
                         "segment_ids": k_seg}
 
     def logits_from_hidden(self, x):
+        """Float32 logits [..., vocab_size] from final hidden states: the only place logits are
+        made. The product runs over the physical (padded) vocabulary; the padded columns are
+        sliced off here, so no consumer ever sees them."""
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x)
         logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        vocab = int(self.cfg.vocab_size)
+        if logits.shape[-1] != vocab:
+            logits = logits[..., :vocab]
         return logits.astype(jnp.float32) * self.scales.output_mult
