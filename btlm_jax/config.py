@@ -65,8 +65,9 @@ def default_model() -> ml_collections.ConfigDict:
     m.mup.output_mult = 2.22
     m.init_std = 0.073  # base init sigma (truncated normal at 2 sigma)
     m.scan_layers = True
-    # none | minimal | full | offload | save_qkv | save_attention_out | save_qkv_attention_out
-    # (the save_* policies keep the activations the model tags with checkpoint_name)
+    # none | minimal | minimal_flash | full | offload | save_qkv | save_attention_out |
+    # save_qkv_attention_out (the save_* policies keep the activations the model tags with
+    # checkpoint_name; minimal_flash = minimal + the attention output and log-sum-exp)
     m.remat = "none"
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"
@@ -181,8 +182,8 @@ def default_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.activation": ("swiglu", "gelu", "gelu_tanh"),
     "model.position": ("alibi", "learned"),
-    "model.remat": ("none", "minimal", "full", "offload", "save_qkv", "save_attention_out",
-                    "save_qkv_attention_out"),
+    "model.remat": ("none", "minimal", "minimal_flash", "full", "offload", "save_qkv",
+                    "save_attention_out", "save_qkv_attention_out"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "xla", "cudnn", "flash", "pallas"),

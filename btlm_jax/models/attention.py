@@ -45,6 +45,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from btlm_jax.models.alibi import key_only_alibi_bias
 
@@ -289,7 +290,16 @@ def _flash(q, k, v, slopes, qp, kp, qs, ks, off, scale, bq, bk, causal):
 
 def _flash_fwd(q, k, v, slopes, qp, kp, qs, ks, off, scale, bq, bk, causal):
     out, lse = _flash_forward(q, k, v, slopes, qp, kp, qs, ks, off, scale, bq, bk, causal)
+    out, lse = _tag_residuals(out, lse)
     return out, (q, k, v, slopes, qp, kp, qs, ks, off, out, lse)
+
+
+def _tag_residuals(out, lse):
+    """Names the forward's output and log-sum-exp as they are kept for the backward pass, so a
+    remat policy can save them (``model.remat=minimal_flash``) instead of rerunning the
+    forward kernel in the backward pass."""
+    out = jax.tree_util.tree_map(lambda x: checkpoint_name(x, "attention_residual"), out)
+    return out, checkpoint_name(lse, "attention_lse")
 
 
 def _flash_bwd(scale, bq, bk, causal, res, g):
@@ -646,6 +656,7 @@ def _pallas_forward(q, k, v, sl, qp, kp, qs, ks, scale, blocks, q_offset, causal
 def _pallas_fwd(q, k, v, sl, qp, kp, qs, ks, scale, blocks, q_offset, causal, interpret):
     out, lse = _pallas_forward(q, k, v, sl, qp, kp, qs, ks, scale, blocks, q_offset, causal,
                                interpret)
+    out, lse = _tag_residuals(out, lse)
     return out, (q, k, v, sl, qp, kp, qs, ks, out, lse)
 
 

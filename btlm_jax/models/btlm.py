@@ -222,10 +222,17 @@ def remat_policy(name: str):
         return cp.nothing_saveable
     if name == "offload":
         return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+    if name == "minimal_flash":  # MaxText's idea: minimal, plus what the attention backward
+        # needs from its forward (output and log-sum-exp of flash / pallas), so the backward
+        # pass does not rerun the attention forward
+        return cp.save_from_both_policies(
+            cp.dots_with_no_batch_dims_saveable,
+            cp.save_only_these_names("attention_residual", "attention_lse"))
     # policies by the names the model tags with checkpoint_name: keep those, recompute the rest
     if name in _SAVED_NAMES:
         return cp.save_only_these_names(*_SAVED_NAMES[name])
-    raise ValueError(f"model.remat={name!r} has no policy (use none, minimal, full, offload, "
+    raise ValueError(f"model.remat={name!r} has no policy (use none, minimal, minimal_flash, "
+                     "full, offload, "
                      + ", ".join(_SAVED_NAMES) + ")")
 
 
