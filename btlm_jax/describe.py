@@ -15,7 +15,8 @@ def describe(cfg) -> dict:
     from btlm_jax import optim
     from btlm_jax.config import parse_phases, validate
     from btlm_jax.train.flops import train_flops_per_token
-    from btlm_jax.models.btlm import BTLM, logical_num_params
+    from btlm_jax.models.btlm import BTLM
+    from btlm_jax.models.padding import logical_num_params
 
     validate(cfg)
     model = BTLM(cfg.model)

@@ -14,7 +14,8 @@ pytest.importorskip("safetensors")
 
 from btlm_jax.config import default_config  # noqa: E402
 from btlm_jax.convert import hf  # noqa: E402
-from btlm_jax.models.btlm import BTLM, to_logical, to_physical  # noqa: E402
+from btlm_jax.models.btlm import BTLM  # noqa: E402
+from btlm_jax.models.padding import to_logical, to_physical  # noqa: E402
 
 # https://huggingface.co/cerebras/btlm-3b-8k-base/blob/main/config.json (the values that matter)
 PUBLISHED = {

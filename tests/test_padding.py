@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from btlm_jax.config import ConfigError, default_config
-from btlm_jax.models.btlm import (
-    BTLM, PADDED_PARAM_AXES, logical_num_params, nonzero_padding, padded_axis, physical_sizes,
+from btlm_jax.models.btlm import BTLM
+from btlm_jax.models.padding import (
+    PADDED_PARAM_AXES, logical_num_params, nonzero_padding, padded_axis, physical_sizes,
     to_logical, to_physical)
 from tests import helpers
 

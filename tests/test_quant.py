@@ -68,7 +68,7 @@ def _tiny(tie=True):
 
 def _closed_form_bytes(m, fmt, group):
     # the arrays as allocated: vocabulary and d_ff padded to model.pad_multiple
-    from btlm_jax.models.btlm import padded_size
+    from btlm_jax.models.padding import padded_size
 
     d, layers = m.d_model, m.n_layers
     f, v = padded_size(m.d_ff, m.pad_multiple), padded_size(m.vocab_size, m.pad_multiple)

@@ -266,7 +266,7 @@ def to_hf(params, m, layout: str | None = None) -> dict[str, Any]:
 
     Tensors have the logical shapes (``vocab_size``, ``n_inner``): the padding of
     ``model.pad_multiple`` is cut off first (:func:`btlm_jax.models.btlm.to_logical`)."""
-    from btlm_jax.models.btlm import nonzero_padding, to_logical
+    from btlm_jax.models.padding import nonzero_padding, to_logical
 
     layout = layout or default_layout(m)
     # NumPy for concrete arrays (fast, no dispatch), jnp when traced (eval_shape)
@@ -413,7 +413,7 @@ def from_hf(tensors: dict, m, layout: str, dtype=None) -> dict:
     else:
         for i, lp in enumerate(layers):
             params[f"layers_{i}"] = lp
-    from btlm_jax.models.btlm import to_physical
+    from btlm_jax.models.padding import to_physical
 
     return jax.tree_util.tree_map(jnp.asarray, to_physical(params, m))
 

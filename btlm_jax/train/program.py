@@ -22,7 +22,8 @@ import numpy as np
 
 from btlm_jax import optim
 from btlm_jax.config import parse_phases, phase_of, validate
-from btlm_jax.models.btlm import BTLM, activation_mesh, logical_num_params
+from btlm_jax.models.btlm import BTLM, activation_mesh
+from btlm_jax.models.padding import logical_num_params
 from btlm_jax.parallel import mesh as mesh_lib
 from btlm_jax.parallel.sharding import Placement, placement
 from btlm_jax.train.step import BATCH_KEYS, TrainState, eval_step, train_step
