@@ -328,7 +328,8 @@ def xla_attention(q, k, v, slopes, pos, seg, scale):
     return A.attend("xla", q, k, v, ctx, scale)
 
 
-@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("d", [pytest.param(64, marks=pytest.mark.slow), 80,
+                               pytest.param(128, marks=pytest.mark.slow)])
 def test_pallas_matches_xla_at_the_model_head_dims(d):
     # interpret mode: values and q/k/v gradients against the xla path, float32, packed rows,
     # with a different tiling per kernel (the inputs padded to the largest block)
@@ -425,7 +426,7 @@ def test_cudnn_refuses_packed_documents():
 def test_minimal_flash_remat_keeps_the_attention_forward(capsys):
     # model.remat=minimal_flash saves what the flash / pallas backward needs from the forward
     # (output [B, H, T, D] and log-sum-exp [B, H, T] per layer), which minimal recomputes
-    # (rerunning the attention forward in the backward pass); the gradients do not change
+    # (rerunning the attention forward in the backward pass)
     from jax.ad_checkpoint import print_saved_residuals
 
     toks = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 32)), jnp.int32)
@@ -436,18 +437,14 @@ def test_minimal_flash_remat_keeps_the_attention_forward(capsys):
         m.remat, m.attention, m.attention_block_q, m.attention_block_k = remat, "flash", 16, 16
         return BTLM(m)
 
-    params = nn.unbox(model("none").init(jax.random.PRNGKey(0), toks)["params"])
-    saved, grads = {}, {}
-    for remat in ("none", "minimal", "minimal_flash"):
-        def loss(p, mod=model(remat)):
-            return jnp.mean(mod.apply({"params": p}, toks))
-        print_saved_residuals(loss, params)
+    params = jax.eval_shape(lambda r: nn.unbox(model("none").init(r, toks)["params"]),
+                            jax.random.PRNGKey(0))
+    saved = {}
+    for remat in ("minimal", "minimal_flash"):
+        print_saved_residuals(lambda p, mod=model(remat): jnp.mean(mod.apply({"params": p}, toks)),
+                              params)
         saved[remat] = capsys.readouterr().out
-        grads[remat] = jax.jit(jax.grad(loss))(params)
     lse, out = "f32[2,2,2,32] ", "f32[2,2,2,32,16] "  # [layers, B, H, T], [layers, B, H, T, D]
     assert lse not in saved["minimal"] and out not in saved["minimal"]
     assert lse in saved["minimal_flash"] and out in saved["minimal_flash"]
-    for remat in ("minimal", "minimal_flash"):
-        for a, b in zip(jax.tree_util.tree_leaves(grads[remat]),
-                        jax.tree_util.tree_leaves(grads["none"])):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # (remat policies leave gradients alone: tests/test_structure.py)
