@@ -170,8 +170,10 @@ def preset_names():
             + [f"cerebras_gpt_{k}" for k in CEREBRAS_GPT])
 
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?([\w.\-]+) = \w+\[([\d,]*)\]")
-_DOT = re.compile(r"^\s*(?:ROOT\s+)?[\w.\-]+ = \w+\[[\d,]*\]\S* dot\(([\w.\-]+), ([\w.\-]+)\)(.*)")
+# an HLO instruction (lowered text: "name = f32[2,3]{1,0} op(...)"; compiled text names carry "%")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = \w+\[([\d,]*)\]")
+_DOT = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = \w+\[[\d,]*\]\S* "
+                  r"dot\(%?([\w.\-]+), %?([\w.\-]+)\)(.*)")
 
 
 def _dims(attr, text):
@@ -202,9 +204,10 @@ def matmul_shapes(hlo: str) -> list[tuple[int, int, int]]:
     return out
 
 
-def lowered_train_step(name, **over):
+def lowered_train_step(name, compiled=False, **over):
     """The preset's train step lowered for abstract inputs (nothing allocated) at its longest
-    sequence, one sequence per micro-batch, as HLO text."""
+    sequence, one sequence per micro-batch, as HLO text (``compiled``: after XLA:CPU's
+    optimisation passes)."""
     from btlm_jax.config import parse_phases
     from btlm_jax.train.program import Program
 
@@ -217,7 +220,7 @@ def lowered_train_step(name, **over):
     with prog.tracing():
         low = prog.jit_train_step().lower(prog.abstract_state,
                                           prog.abstract_batch(seq, c.train.batch_size))
-    return c, low.as_text(dialect="hlo")
+    return c, (low.compile().as_text() if compiled else low.as_text(dialect="hlo"))
 
 
 def misaligned(c, hlo, multiple=64):
@@ -243,6 +246,15 @@ def test_matmul_shape_parser_against_a_hand_written_einsum():
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_train_step_has_aligned_matmuls(name):
     c, hlo = lowered_train_step(name)
+    assert len(matmul_shapes(hlo)) >= 10
+    assert misaligned(c, hlo) == [], name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_compiled_train_step_has_aligned_matmuls(name):
+    # the same after XLA's optimisation passes (on CPU; compiling allocates nothing)
+    c, hlo = lowered_train_step(name, compiled=True)
     assert len(matmul_shapes(hlo)) >= 10
     assert misaligned(c, hlo) == [], name
 
