@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py                         # CPU default: xla, flash (+ pallas to 1024)
     python benchmarks/attention.py --seqs=2048,8192 --impls=xla,flash,pallas,cudnn --dtype=bfloat16
+    python benchmarks/attention.py --impls=pallas,pallas:64x64,pallas:128x64 ...  # tilings
 
 For each implementation of ``model.attention`` and each sequence length, one jitted function
 computes ``grad(sum(attention(q, k, v) * g))`` with respect to q, k, v, through the same
@@ -12,6 +13,8 @@ backward 5, each ``2 B H T^2 D / 2`` FLOPs), and the compiled program's temporar
 (``memory_analysis().temp_size_in_bytes``), i.e. what attention needs beyond its inputs and
 outputs. ``pallas`` runs in interpret mode off GPUs (correct but very slow), so on CPU it is only
 run up to ``--pallas_max_seq``; ``cudnn`` only on GPUs. ``--json`` prints one JSON list last.
+``pallas:QxK`` caps the Pallas tiling (:func:`btlm_jax.models.attention.pallas_blocks`) at Q
+queries x K keys per block (what ``model.attention_block_q/k`` do), to compare tilings.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from btlm_jax.models.alibi import effective_slopes  # noqa: E402
 
 def build(impl, b, t, h, d, dtype, block_q, block_k):
     """(jitted fwd+bwd function, its arguments)."""
+    if ":" in impl:  # pallas:QxK
+        impl, caps = impl.split(":")
+        block_q, block_k = (int(x) for x in caps.split("x"))
     m = default_config().model
     m.n_heads = h
     slopes = effective_slopes(m, key_len=t)  # key_len: the T keys of a training forward
@@ -102,7 +108,7 @@ def main(argv=None):
         for impl in a.impls.split(","):
             if impl == "cudnn" and not gpu:
                 continue
-            if impl == "pallas" and not gpu and t > a.pallas_max_seq:
+            if impl.startswith("pallas") and not gpu and t > a.pallas_max_seq:
                 continue
             try:
                 r = measure(impl, a.batch, t, a.heads, a.d_head, dtype, a.block_q, a.block_k,

@@ -36,6 +36,11 @@ def default_model() -> ml_collections.ConfigDict:
     m.n_layers = 4
     m.n_heads = 4
     m.d_ff = 683  # SwiGLU hidden width (BTLM: 8/3 * d_model, rounded)
+    # Physical alignment: the vocabulary and d_ff arrays are rounded up to a multiple of this
+    # (zero rows/columns that stay exactly zero in training; padded logits are sliced off before
+    # any consumer). The logical model (vocab_size, d_ff, parameter counts, FLOPs, exports) is
+    # unchanged. 1 = no padding. See models/btlm.py "Physical padding".
+    m.pad_multiple = 128
     m.activation = "swiglu"  # swiglu | gelu (exact) | gelu_tanh (GPT-2 "gelu_new")
     m.position = "alibi"  # alibi | learned
     m.max_seq_len = 2048  # learned positions: table size; alibi: informational
@@ -60,16 +65,20 @@ def default_model() -> ml_collections.ConfigDict:
     m.mup.output_mult = 2.22
     m.init_std = 0.073  # base init sigma (truncated normal at 2 sigma)
     m.scan_layers = True
-    # none | minimal | full | offload | save_qkv | save_attention_out | save_qkv_attention_out
-    # (the save_* policies keep the activations the model tags with checkpoint_name)
+    # none | minimal | minimal_flash | full | offload | save_qkv | save_attention_out |
+    # save_qkv_attention_out (the save_* policies keep the activations the model tags with
+    # checkpoint_name; minimal_flash = minimal + the attention output and log-sum-exp)
     m.remat = "none"
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"
-    # xla | cudnn (dense jax.nn.dot_product_attention) | flash (blockwise JAX) | pallas (kernel);
+    # auto | xla | cudnn (dense jax.nn.dot_product_attention) | flash (blockwise JAX) | pallas
+    # (kernel); auto picks from a measured table by backend, dtype and length (xla off GPUs);
     # see btlm_jax/models/attention.py and the README's "Attention implementations"
-    m.attention = "xla"
-    m.attention_block_q = 512  # flash / pallas query block (pallas: power of two, capped at 128)
-    m.attention_block_k = 512  # flash / pallas key block
+    m.attention = "auto"
+    # flash blocks; pallas takes its blocks from attention.pallas_blocks (dtype, head dim,
+    # length, shared memory) and uses these as upper bounds
+    m.attention_block_q = 512
+    m.attention_block_k = 512
     m.loss_chunk_size = 0  # >0: chunked cross-entropy over the sequence
     return m
 
@@ -178,11 +187,11 @@ def default_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.activation": ("swiglu", "gelu", "gelu_tanh"),
     "model.position": ("alibi", "learned"),
-    "model.remat": ("none", "minimal", "full", "offload", "save_qkv", "save_attention_out",
-                    "save_qkv_attention_out"),
+    "model.remat": ("none", "minimal", "minimal_flash", "full", "offload", "save_qkv",
+                    "save_attention_out", "save_qkv_attention_out"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("xla", "cudnn", "flash", "pallas"),
+    "model.attention": ("auto", "xla", "cudnn", "flash", "pallas"),
     "optim.name": ("adamw", "adamw_ema"),
     "data.packing": ("concat", "document"),
     "train.on_divergence": ("stop", "rollback"),
@@ -195,6 +204,7 @@ _CHOICES = {
 _POSITIVE_INTS = (
     "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff",
     "model.max_seq_len", "model.attention_block_q", "model.attention_block_k",
+    "model.pad_multiple",
     "train.steps", "train.batch_size", "train.seq_len",
     "train.grad_accum_steps", "train.log_every_steps", "eval.every_steps", "eval.num_batches",
     "eval.batch_size", "checkpoint.every_steps", "checkpoint.keep",
@@ -240,25 +250,8 @@ def phase_of(phases: list[tuple[int, int, int]], step: int) -> int:
     return len(phases) - 1
 
 
-def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks a config; raises ConfigError naming the offending key. Returns cfg."""
-    for key in _POSITIVE_INTS:
-        v = _get(cfg, key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"{key}={v!r}: must be a positive integer")
-    for key, choices in _CHOICES.items():
-        v = _get(cfg, key)
-        if v not in choices:
-            raise ConfigError(f"{key}={v!r}: must be one of {', '.join(choices)}")
-    for key in ("train.rollback_back_steps", "train.rollback_skip_batches"):
-        v = _get(cfg, key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"{key}={v!r}: must be an integer >= 0")
-    spike = cfg.train.max_loss_spike
-    if isinstance(spike, bool) or not isinstance(spike, (int, float)) or not spike >= 0 or (
-            0 < spike <= 1):
-        raise ConfigError(f"train.max_loss_spike={spike!r}: must be 0 (off) or a ratio > 1, "
-                          "e.g. 3.0")
+def _validate_model(cfg: ml_collections.ConfigDict) -> None:
+    """The checks of the ``model`` section (and its ties to other sections)."""
     m = cfg.model
     if m.d_model % m.n_heads:
         raise ConfigError(
@@ -280,9 +273,36 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(
                 f"model.alibi_slopes has {len(sl)} values: give {m.n_heads} positive floats "
                 "(one per head, model.n_heads) or () for the standard slopes")
+    if m.attention == "cudnn" and cfg.data.packing != "concat":
+        raise ConfigError(
+            f"model.attention=cudnn with data.packing={cfg.data.packing!r}: cuDNN masks by index "
+            "(causal), not by document; use model.attention=pallas (GPU) or flash for packed "
+            "documents, or data.packing=concat")
     if m.mup.enabled and (m.mup.base_d_model <= 0 or m.mup.base_d_ff <= 0):
         raise ConfigError("model.mup.base_d_model and model.mup.base_d_ff must be > 0")
-    o = cfg.optim
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks a config; raises ConfigError naming the offending key. Returns cfg."""
+    for key in _POSITIVE_INTS:
+        v = _get(cfg, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{key}={v!r}: must be a positive integer")
+    for key, choices in _CHOICES.items():
+        v = _get(cfg, key)
+        if v not in choices:
+            raise ConfigError(f"{key}={v!r}: must be one of {', '.join(choices)}")
+    for key in ("train.rollback_back_steps", "train.rollback_skip_batches"):
+        v = _get(cfg, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{key}={v!r}: must be an integer >= 0")
+    spike = cfg.train.max_loss_spike
+    if isinstance(spike, bool) or not isinstance(spike, (int, float)) or not spike >= 0 or (
+            0 < spike <= 1):
+        raise ConfigError(f"train.max_loss_spike={spike!r}: must be 0 (off) or a ratio > 1, "
+                          "e.g. 3.0")
+    _validate_model(cfg)
+    m, o = cfg.model, cfg.optim
     if o.peak_lr <= 0 or not math.isfinite(o.peak_lr):
         raise ConfigError(f"optim.peak_lr={o.peak_lr}: must be a positive finite number")
     if o.warmup_steps < 0:

@@ -16,6 +16,7 @@ def describe(cfg) -> dict:
     from btlm_jax.config import parse_phases, validate
     from btlm_jax.train.flops import train_flops_per_token
     from btlm_jax.models.btlm import BTLM
+    from btlm_jax.models.padding import logical_num_params
 
     validate(cfg)
     model = BTLM(cfg.model)
@@ -23,7 +24,9 @@ def describe(cfg) -> dict:
     params = jax.eval_shape(lambda r: nn.unbox(model.init(r, dummy)["params"]),
                             jax.random.PRNGKey(0))
     leaves = jax.tree_util.tree_leaves(params)
-    num_params = sum(int(np.prod(x.shape)) for x in leaves)
+    # the logical model's count (model.pad_multiple's zero rows and units excluded); the byte
+    # counts below are of the arrays as allocated (padded)
+    num_params = logical_num_params(params, cfg.model)
     param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
     phases = parse_phases(cfg)
     tx, _ = optim.build(cfg, sum(p[2] for p in phases))
@@ -38,6 +41,7 @@ def describe(cfg) -> dict:
     return {
         "num_params": num_params,
         "num_non_embedding_params": num_params - embed,
+        "num_params_allocated": sum(int(np.prod(x.shape)) for x in leaves),
         "flops_per_token": train_flops_per_token(cfg.model, seq_len),
         "flops_per_token_seq_len": seq_len,
         "flops_per_token_by_phase": {str(p[0]): train_flops_per_token(cfg.model, p[0])

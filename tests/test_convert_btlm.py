@@ -15,6 +15,7 @@ pytest.importorskip("safetensors")
 from btlm_jax.config import default_config  # noqa: E402
 from btlm_jax.convert import hf  # noqa: E402
 from btlm_jax.models.btlm import BTLM  # noqa: E402
+from btlm_jax.models.padding import to_logical, to_physical  # noqa: E402
 
 # https://huggingface.co/cerebras/btlm-3b-8k-base/blob/main/config.json (the values that matter)
 PUBLISHED = {
@@ -121,10 +122,11 @@ def small_cfg(tie=True, scan=True, alibi_scaling=1.0, n_heads=4):
 
 def random_params(m, seed=0):
     init = jax.jit(lambda r: nn.unbox(BTLM(m).init(r, jnp.zeros((1, 8), jnp.int32)))["params"])
-    p = init(jax.random.PRNGKey(seed))
+    p = to_logical(init(jax.random.PRNGKey(seed)), m)
     rs = np.random.RandomState(seed + 1)  # perturb everything (LayerNorms start at 1 / 0)
-    return jax.tree_util.tree_map(
+    p = jax.tree_util.tree_map(
         lambda x: np.asarray(x) + 0.1 * rs.standard_normal(x.shape).astype(np.float32), p)
+    return to_physical(p, m)  # the padding of model.pad_multiple stays zero, as in training
 
 
 @pytest.mark.parametrize("tie,scan,factor", [(True, True, 1.0), (False, False, 2.5)])

@@ -414,6 +414,9 @@ def test_convert_import_load_run_export_round_trip(tmp_path):
             (tmp_path / "hf" / name).read_bytes()
     lm = btlm_jax.load_model(tmp_path / "run")
     assert lm.cfg.model.alibi_scaling_train_seq_len == 8
+    # held padded (model.pad_multiple=128: vocabulary 300 -> 384, d_ff 64 -> 128), exported cut
+    assert lm.params["embed"]["embedding"].shape == (384, D) and c["vocab_size"] == 300
+    assert lm.params["layers"]["mlp"]["wo"]["kernel"].shape == (N_LAYER, 128, D)
     check_loaded(lm, t, c, tmp_path)
 
     _convert("export", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}")

@@ -210,8 +210,10 @@ c = get_config('tiny'); c.model.d_ff = 688
 print('OK', check(c, (1, 2, 4)).replace(chr(10), ' | '))
 rules = tuple((k, None if k == 'mlp' else v) for k, v in parse_rules(DEFAULT_RULES))
 print('REPL', check(c, (2, 1, 4), rules=rules, min_elements=1 << 16).replace(chr(10), ' | '))
-c = get_config('3b_8k')
+c = get_config('3b_8k'); c.model.pad_multiple = 1
 print('VOCAB', check(c, (1, 2, 4)).replace(chr(10), ' | '))
+c.model.pad_multiple = 128  # the default: 50257 -> 50304 splits over 4 (and 128) devices
+print('PADDED', check(c, (1, 2, 4)).replace(chr(10), ' | '))
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
@@ -224,3 +226,4 @@ print('VOCAB', check(c, (1, 2, 4)).replace(chr(10), ' | '))
     assert lines["OK"] == "OK ok"
     assert "layers/mlp/wi_0/kernel" in lines["REPL"] and "replicated" in lines["REPL"]
     assert "embed/embedding" in lines["VOCAB"] and "model.vocab_size" in lines["VOCAB"]
+    assert lines["PADDED"] == "PADDED ok"

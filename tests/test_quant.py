@@ -67,7 +67,11 @@ def _tiny(tie=True):
 
 
 def _closed_form_bytes(m, fmt, group):
-    d, f, v, layers = m.d_model, m.d_ff, m.vocab_size, m.n_layers
+    # the arrays as allocated: vocabulary and d_ff padded to model.pad_multiple
+    from btlm_jax.models.padding import padded_size
+
+    d, layers = m.d_model, m.n_layers
+    f, v = padded_size(m.d_ff, m.pad_multiple), padded_size(m.vocab_size, m.pad_multiple)
 
     def mat(k, n_out):  # bytes of one quantised [k inputs, n_out outputs] matrix
         if fmt == "int8":

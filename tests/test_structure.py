@@ -130,7 +130,8 @@ def test_bad_rules_are_named():
 
 
 @pytest.mark.parametrize("policy", ["save_qkv", "save_attention_out", "save_qkv_attention_out",
-                                    "full"])
+                                    "full", pytest.param("minimal_flash",
+                                                         marks=pytest.mark.slow)])
 def test_named_remat_policies_give_the_same_gradients(policy):
     import flax.linen as nn
     import jax

@@ -262,12 +262,23 @@ def _layers(params, m) -> list[dict]:
 
 
 def to_hf(params, m, layout: str | None = None) -> dict[str, Any]:
-    """Our parameter tree -> {Hugging Face tensor name: array} (jnp ops; works under eval_shape)."""
+    """Our parameter tree -> {Hugging Face tensor name: array} (jnp ops; works under eval_shape).
+
+    Tensors have the logical shapes (``vocab_size``, ``n_inner``): the padding of
+    ``model.pad_multiple`` is cut off first (:func:`btlm_jax.models.btlm.to_logical`)."""
+    from btlm_jax.models.padding import nonzero_padding, to_logical
+
     layout = layout or default_layout(m)
-    d, h = m.d_model, m.n_heads
     # NumPy for concrete arrays (fast, no dispatch), jnp when traced (eval_shape)
     concrete = all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params))
     xp = np if concrete else jnp
+    bad = nonzero_padding(params, m) if concrete else []
+    if bad:
+        raise ConversionError(
+            f"{', '.join(bad[:4])}: the padding of model.pad_multiple={m.pad_multiple} holds "
+            "nonzero values, so these weights are not the logical model; they cannot be exported")
+    params = to_logical(params, m)
+    d, h = m.d_model, m.n_heads
     out = {"transformer.wte.weight": params["embed"]["embedding"]}
     if m.position == "learned":
         out["transformer.wpe.weight"] = params["pos_embed"]["embedding"]
@@ -334,7 +345,9 @@ def from_hf(tensors: dict, m, layout: str, dtype=None) -> dict:
     """{Hugging Face name: array} -> our parameter tree for model config ``m``.
 
     Checks every tensor's presence and shape against the config first and raises
-    :class:`ConversionError` naming each mismatch.
+    :class:`ConversionError` naming each mismatch. The tree has the physical shapes of ``m``
+    (vocabulary and d_ff padded with zeros to ``model.pad_multiple``; :func:`to_hf` cuts them
+    off again, so import and export are bit-identical).
     """
     tensors = _normalise_names(tensors)
     want = expected_shapes(m, layout)
@@ -400,7 +413,9 @@ def from_hf(tensors: dict, m, layout: str, dtype=None) -> dict:
     else:
         for i, lp in enumerate(layers):
             params[f"layers_{i}"] = lp
-    return jax.tree_util.tree_map(jnp.asarray, params)
+    from btlm_jax.models.padding import to_physical
+
+    return jax.tree_util.tree_map(jnp.asarray, to_physical(params, m))
 
 
 def checked_slopes(tensors: dict, n_heads: int) -> tuple[float, ...]:

@@ -40,6 +40,8 @@ def _width_config(cfg, width: int, parametrization: str):
     m.d_model = width
     m.scan_layers = False
     m.remat = "none"
+    # unpadded: the mean |activation| of an FFN layer would count model.pad_multiple's zero units
+    m.pad_multiple = 1
     m.mup.enabled = parametrization == "mup"
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0

@@ -7,12 +7,24 @@ embeddings, muP. Cerebras-GPT (GPT-3 style): learned absolute positions and a GE
 Functional Linen: ``logits = BTLM(cfg.model).apply({"params": params}, tokens)``. Parameters carry
 logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``, ``layers``) that
 :mod:`btlm_jax.parallel.mesh` maps to mesh axes; layers are stacked with ``nn.scan``.
+
+Physical padding (``model.pad_multiple``, default 128): the arrays along the ``vocab`` and ``mlp``
+axes are rounded up to a multiple of it (vocabulary 50257 -> 50304, SwiGLU 6826 -> 6912), so every
+matmul has aligned dimensions (1.6x the step rate of the 1.3B model on an H200). The *logical*
+model does not change: initial values are drawn at the logical shape and padded with zeros
+(same seed, same logical parameters), padded FFN units and embedding rows get exactly zero
+gradients so they stay zero under any optimizer that maps a zero gradient and a zero parameter
+to a zero update (AdamW, weight decay, clipping), and :meth:`BTLM.logits_from_hidden` -- the one
+place logits are made -- slices the padded logits off, so every consumer (loss, sampling,
+perplexity, the harness, ``load_model``) sees ``[..., vocab_size]``. The parameter-tree side
+(logical <-> physical trees, counts, checks) is :mod:`btlm_jax.models.padding`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 from btlm_jax.models import attention as attention_lib
 from btlm_jax.models.alibi import effective_slopes
 from btlm_jax.models.mup import mup_scales
+from btlm_jax.models.padding import physical_sizes
 
 # The mesh the activation sharding constraints refer to (set by the training program around
 # tracing, see :func:`activation_mesh`). Passed explicitly to Flax instead of a global mesh, so
@@ -52,10 +65,24 @@ def constrain(x, axes):
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def _init(std: float, axes: tuple[str | None, ...]):
-    """Truncated normal clipped at 2 sigma (sigma of the untruncated normal, as in PyTorch)."""
-    return nn.with_logical_partitioning(
-        jax.nn.initializers.truncated_normal(std, lower=-2.0, upper=2.0), axes)
+def _init(std: float, axes: tuple[str | None, ...], logical: tuple[int | None, ...] = ()):
+    """Truncated normal clipped at 2 sigma (sigma of the untruncated normal, as in PyTorch).
+
+    ``logical`` (one entry per axis, None = the physical size) draws the values at the logical
+    shape and pads them with zeros to the physical one, so a padded model starts from the same
+    logical parameters as an unpadded one with the same seed.
+    """
+    init = jax.nn.initializers.truncated_normal(std, lower=-2.0, upper=2.0)
+    if any(n is not None for n in logical):
+        init = _drawn_at(init, logical)
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _drawn_at(init, logical):
+    def padded_init(key, shape, dtype=jnp.float32):
+        want = tuple(s if n is None else n for s, n in zip(shape, logical))
+        return jnp.pad(init(key, want, dtype), [(0, s - w) for s, w in zip(shape, want)])
+    return padded_init
 
 
 def _zeros(axes):
@@ -75,10 +102,17 @@ def remat_policy(name: str):
         return cp.nothing_saveable
     if name == "offload":
         return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+    if name == "minimal_flash":  # MaxText's idea: minimal, plus what the attention backward
+        # needs from its forward (output and log-sum-exp of flash / pallas), so the backward
+        # pass does not rerun the attention forward
+        return cp.save_from_both_policies(
+            cp.dots_with_no_batch_dims_saveable,
+            cp.save_only_these_names("attention_residual", "attention_lse"))
     # policies by the names the model tags with checkpoint_name: keep those, recompute the rest
     if name in _SAVED_NAMES:
         return cp.save_only_these_names(*_SAVED_NAMES[name])
-    raise ValueError(f"model.remat={name!r} has no policy (use none, minimal, full, offload, "
+    raise ValueError(f"model.remat={name!r} has no policy (use none, minimal, minimal_flash, "
+                     "full, offload, "
                      + ", ".join(_SAVED_NAMES) + ")")
 
 
@@ -145,20 +179,23 @@ class Mlp(nn.Module):
         sc = mup_scales(cfg)
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
 
-        def dense(features, std, axes, name):
+        d_ff, d_ff_phys = physical_sizes(cfg)["mlp"]
+
+        def dense(features, std, axes, name, logical):
+            # padded units: zero weights and biases, so silu(0) * 0 = gelu(0) = 0 and zero rows
+            # of wo; their gradients are exactly zero (see the module docstring)
             return nn.Dense(
                 features, use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype,
-                kernel_init=_init(std, axes), bias_init=_zeros((axes[-1],)), name=name)
+                kernel_init=_init(std, axes, logical), bias_init=_zeros((axes[-1],)), name=name)
 
+        wi = functools.partial(dense, d_ff_phys, sc.hidden_std, ("embed", "mlp"),
+                               logical=(None, d_ff))
         if cfg.activation == "swiglu":
-            gate = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi_0")(x)
-            up = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi_1")(x)
-            h = nn.silu(gate) * up
+            h = nn.silu(wi("wi_0")(x)) * wi("wi_1")(x)
         else:
-            h = dense(cfg.d_ff, sc.hidden_std, ("embed", "mlp"), "wi")(x)
-            h = nn.gelu(h, approximate=(cfg.activation == "gelu_tanh"))
+            h = nn.gelu(wi("wi")(x), approximate=(cfg.activation == "gelu_tanh"))
         h = constrain(checkpoint_name(h, "mlp_hidden"), ("act_batch", "act_length", "act_mlp"))
-        return dense(cfg.d_model, sc.out_proj_std, ("mlp", "embed"), "wo")(h)
+        return dense(cfg.d_model, sc.out_proj_std, ("mlp", "embed"), "wo", (d_ff, None))(h)
 
 
 class Block(nn.Module):
@@ -215,9 +252,10 @@ class BTLM(nn.Module):
         sc = mup_scales(cfg)
         pdtype = DTYPES[cfg.param_dtype]
         self.scales = sc
+        vocab, vocab_phys = physical_sizes(cfg)["vocab"]
         self.embed = nn.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
-            embedding_init=_init(sc.embed_std, ("vocab", "embed")), name="embed")
+            vocab_phys, cfg.d_model, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
+            embedding_init=_init(sc.embed_std, ("vocab", "embed"), (vocab, None)), name="embed")
         if cfg.position == "learned":
             self.pos_embed = nn.Embed(
                 cfg.max_seq_len, cfg.d_model, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
@@ -239,8 +277,9 @@ class BTLM(nn.Module):
         self.ln_f = _layer_norm(cfg, "ln_f")
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
-                kernel_init=_init(sc.hidden_std, ("embed", "vocab")), name="lm_head")
+                vocab_phys, use_bias=False, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
+                kernel_init=_init(sc.hidden_std, ("embed", "vocab"), (None, vocab)),
+                name="lm_head")
 
     def __call__(self, tokens, segment_ids=None, positions=None, alibi_scale=1.0,
                  return_hidden=False):
@@ -330,9 +369,15 @@ class BTLM(nn.Module):
                         "segment_ids": k_seg}
 
     def logits_from_hidden(self, x):
+        """Float32 logits [..., vocab_size] from final hidden states: the only place logits are
+        made. The product runs over the physical (padded) vocabulary; the padded columns are
+        sliced off here, so no consumer ever sees them."""
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x)
         logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        vocab = int(self.cfg.vocab_size)
+        if logits.shape[-1] != vocab:
+            logits = logits[..., :vocab]
         return logits.astype(jnp.float32) * self.scales.output_mult

@@ -5,6 +5,10 @@ the tied output projection ``vocab x d_model``, which is a matmul even though it
 shared with the embedding lookup), plus attention: per layer the forward pass costs
 ``4 * seq_len * d_model`` (QK^T and AV), x3 for training, halved because causal attention only
 needs the lower triangle (as MaxText counts since 2025): ``6 * n_layers * seq_len * d_model``.
+
+All from the logical config (``model.vocab_size``, ``model.d_ff``): the zero rows and units of
+``model.pad_multiple`` are work the hardware does but not model FLOPs, so a padded and an unpadded
+run of the same model count the same FLOPs per token and their MFU differs only by their speed.
 """
 
 from __future__ import annotations

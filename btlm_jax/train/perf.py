@@ -2,7 +2,8 @@
 
 MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, where the model FLOPs per
 token are :func:`btlm_jax.train.flops.train_flops_per_token` (6 x matmul parameters plus causal
-attention at half; rematerialisation is *not* counted, so recomputation lowers MFU).
+attention at half; rematerialisation is *not* counted, so recomputation lowers MFU; neither is
+the padding of ``model.pad_multiple``: the logical model's FLOPs).
 
 Two peaks are offered:
 

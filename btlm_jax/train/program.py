@@ -23,6 +23,7 @@ import numpy as np
 from btlm_jax import optim
 from btlm_jax.config import parse_phases, phase_of, validate
 from btlm_jax.models.btlm import BTLM, activation_mesh
+from btlm_jax.models.padding import logical_num_params
 from btlm_jax.parallel import mesh as mesh_lib
 from btlm_jax.parallel.sharding import Placement, placement
 from btlm_jax.train.step import BATCH_KEYS, TrainState, eval_step, train_step
@@ -45,7 +46,7 @@ class Program:
     lr_schedule: Any
     place: Placement
     abstract_state: Any  # TrainState of ShapeDtypeStructs carrying the shardings
-    num_params: int
+    num_params: int  # of the logical model (model.pad_multiple's padding not counted)
     _eval_steps: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
@@ -64,7 +65,7 @@ class Program:
         sharded = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract, place.state_shardings)
-        n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
+        n = logical_num_params(abstract.params, cfg.model)  # padding (pad_multiple) excluded
         return cls(cfg=cfg, phases=phases, mesh=mesh, model=model, tx=tx, lr_schedule=lr,
                    place=place, abstract_state=sharded, num_params=n)
 

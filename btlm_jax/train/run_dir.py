@@ -30,6 +30,10 @@ from btlm_jax.config import ConfigError, default_config, validate
 
 # Keys whose change makes an existing checkpoint unusable (shapes or the meaning of the state).
 _STATE_DEFINING = ("model", "optim.name")
+# model keys that choose how the same state is computed, not what it is: a resumed run may change
+# them (e.g. model.attention=pallas on a GPU, or the default's move from xla to auto)
+_COMPUTE_ONLY = ("model.attention", "model.attention_block_q", "model.attention_block_k",
+                 "model.remat", "model.loss_chunk_size")
 
 
 class RunError(FileNotFoundError):
@@ -66,11 +70,25 @@ def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str = "") -> None:
             dst[k] = v
 
 
+# Keys added after runs were written, with the value that reproduces those runs (a run directory
+# whose config.json lacks the key was made before it existed). model.pad_multiple: unpadded.
+_ADDED_KEYS = {("model", "pad_multiple"): 1}
+
+
+def _upgrade(written: dict) -> dict:
+    """``written`` (a parsed config.json) with the keys it predates set to their old meaning."""
+    for (section, key), old in _ADDED_KEYS.items():
+        if isinstance(written.get(section), dict) and key not in written[section]:
+            written[section][key] = old
+    return written
+
+
 def load_config_json(path: Path) -> ml_collections.ConfigDict:
-    """A config written as JSON (``RUN/config.json``) over the defaults."""
+    """A config written as JSON (``RUN/config.json``) over the defaults (keys the file predates
+    keep their old meaning: see ``_ADDED_KEYS``)."""
     cfg = default_config()
     try:
-        _merge(cfg, json.loads(path.read_text()))
+        _merge(cfg, _upgrade(json.loads(path.read_text())))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the run's "
                           "config.<timestamp>.json backups") from None
@@ -199,14 +217,20 @@ def _write_config(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
     new = json.loads(cfg.to_json_best_effort())
     if path.exists():
         old = json.loads(path.read_text())
-        fo, fn = _flatten(old), _flatten(new)
+        fo, fn = _flatten(_upgrade(json.loads(path.read_text()))), _flatten(new)
         diff = sorted(k for k in set(fo) | set(fn) if fo.get(k) != fn.get(k))
-        fatal = [k for k in diff if any(k == p or k.startswith(p + ".") for p in _STATE_DEFINING)]
+        fatal = [k for k in diff if any(k == p or k.startswith(p + ".") for p in _STATE_DEFINING)
+                 and k not in _COMPUTE_ONLY]
         if fatal and (workdir / "checkpoints").exists():
+            hint = ""
+            if "model.pad_multiple" in fatal:
+                hint = (f" (its checkpoints hold arrays padded to model.pad_multiple="
+                        f"{fo.get('model.pad_multiple')}: resume with --config.model.pad_multiple="
+                        f"{fo.get('model.pad_multiple')})")
             raise ConfigError(
                 f"{workdir} holds a run with a different model: "
                 + ", ".join(f"{k} was {fo.get(k)!r}, now {fn.get(k)!r}" for k in fatal)
-                + ". Use a new --workdir, or rerun with the workdir's config.json.")
+                + hint + ". Use a new --workdir, or rerun with the workdir's config.json.")
         if diff:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             (workdir / f"config.{stamp}.json").write_text(json.dumps(old, indent=2))
