@@ -317,15 +317,27 @@ def test_skipped_records_are_counted(tmp_path):
 
 @pytest.mark.parametrize("dense", [True, False])  # NumPy permutations / Grain's index shuffle
 def test_epoch_order_is_a_fresh_permutation_each_epoch(monkeypatch, dense):
-    monkeypatch.setattr(pipeline.EpochOrder, "DENSE_MAX", 1000 if dense else 10)
-    n = 37
-    order = pipeline.EpochOrder(n, seed=5)
-    got = order(np.arange(3 * n))
+    from grain.experimental import index_shuffle
+
+    from btlm_jax.data import units
+
+    monkeypatch.setattr(units.UnitOrder, "DENSE_MAX", 1000 if dense else 10)
+    n, seed = 37, 5
+    order = units.UnitOrder(n, seed)
+    got = np.asarray([order[k] for k in range(3 * n)])
     epochs = got.reshape(3, n)
     for e in epochs:
         assert sorted(e) == list(range(n))
     assert not (epochs[0] == epochs[1]).all() and not (epochs[0] == np.arange(n)).all()
-    np.testing.assert_array_equal(order([80, 3, 40]), got[[80, 3, 40]])  # random access
+    # the documented functions: NumPy's permutation per (seed, epoch) / Grain's index_shuffle
+    # with seed + epoch, entry by entry
+    for e in range(3):
+        want = (np.random.default_rng((seed, e)).permutation(n) if dense else
+                [index_shuffle(k, max_index=n - 1, seed=seed + e, rounds=4) for k in range(n)])
+        np.testing.assert_array_equal(epochs[e], want)
+        np.testing.assert_array_equal(order.permutation(e), want)
+    fresh = units.UnitOrder(n, seed)  # a pure function: random access, any order, any object
+    np.testing.assert_array_equal(fresh._getitems([80, 3, 40]), got[[80, 3, 40]])
 
 
 def test_store_build_with_worker_processes_is_identical(tmp_path):
