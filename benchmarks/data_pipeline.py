@@ -22,7 +22,8 @@ Prints tables, measured in this run:
   reason the chain mixes with ``select_from_datasets`` and our selection map).
 
     python benchmarks/data_pipeline.py                           # embedded sample corpus
-    python benchmarks/data_pipeline.py --data='/data/SlimPajama/train/chunk1/*.jsonl.zst' --workers=8
+    python benchmarks/data_pipeline.py --data='/data/SlimPajama/train/chunk1/*.jsonl.zst' \\
+        --workers=8
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ smallest at 100 (``[1, 1.999]`` mixes as ``100:199``, so after 20,000 rows the s
 20 rows short, and the gap grows with the run), and its nested split drifts up to 4.4 rows from
 the weights inside a stretch with SlimPajama's seven sources, where the Sainte-Lague interleave
 stays within 1.4 rows at every row and never drifts (measured over 20,000 rows by
-``benchmarks/data_pipeline.py``, table in benchmarks/RESULTS.md). A step of ``B`` rows therefore holds each
-source's share of ``B`` rounded, every step.
+``benchmarks/data_pipeline.py``, table in benchmarks/RESULTS.md). A step of ``B`` rows therefore
+holds each source's share of ``B`` rounded, every step.
 """
 
 from __future__ import annotations
@@ -158,3 +158,19 @@ def step_batches(rows: grain.MapDataset, phases, process_index: int = 0,
 def stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
     """Rows (dicts of arrays) stacked along a new first axis, as ``MapDataset.batch`` does."""
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def worker_processes(ds: grain.MapDataset, workers: int, *, prefetch: int = 1):
+    """An iterator over ``ds`` in order: in this process with ``prefetch`` elements read ahead
+    in as many threads, or, with ``workers`` > 0, in Grain's worker processes (``mp_prefetch``:
+    worker ``w`` computes elements ``w, w + workers, ...``, pickled into it)."""
+    prefetch = max(int(prefetch), 0)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers)))
+    return iter(it)
+

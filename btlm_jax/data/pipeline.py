@@ -364,16 +364,8 @@ class StepData:
         ``start + w + workers``, ...). Close it with ``.close()``."""
         prefetch = int(_get(self.cfg, "data.prefetch", 2) or 0) if prefetch is None else prefetch
         workers = int(_get(self.cfg, "data.num_workers", 0) or 0) if workers is None else workers
-        ds = self._local.slice(slice(int(start), None))
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 0),
-                                                  prefetch_buffer_size=max(prefetch, 0)))
-        if workers > 0:
-            from absl import flags
-
-            if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags
-                flags.FLAGS.mark_as_parsed()
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        return iter(it)
+        return chain.worker_processes(self._local.slice(slice(int(start), None)), workers,
+                                      prefetch=prefetch)
 
     # -- steps and phases ------------------------------------------------------------------------
     @property

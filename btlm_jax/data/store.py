@@ -299,24 +299,37 @@ class _DocumentPacker:
                 self.flush()
 
 
-def _tokenize_chunk(args):
-    corpus, tokenizer, doc_ids = args
-    texts = [corpus.text(int(i)) for i in doc_ids]
-    return [np.asarray(ids, np.int64) for ids in tokenizer.encode_batch(texts)]
+class _Tokenize:
+    """A chunk of document ids -> their token ids (int64 arrays), in order (picklable: Grain's
+    worker processes get a copy)."""
+
+    def __init__(self, corpus: Corpus, tokenizer):
+        self.corpus, self.tokenizer = corpus, tokenizer
+
+    def __call__(self, doc_ids) -> list[np.ndarray]:
+        texts = [self.corpus.text(int(i)) for i in np.atleast_1d(doc_ids)]
+        return [np.asarray(ids, np.int64) for ids in self.tokenizer.encode_batch(texts)]
 
 
 def _chunks(corpus: Corpus, tokenizer, docs: np.ndarray, workers: int):
-    jobs = [(corpus, tokenizer, docs[i:i + DOCS_PER_CHUNK])
-            for i in range(0, len(docs), DOCS_PER_CHUNK)]
-    if workers <= 0 or len(jobs) <= 1:
-        for j in jobs:
-            yield _tokenize_chunk(j)
-        return
-    import concurrent.futures as cf
-    import multiprocessing as mp
+    """The token ids of ``docs`` in chunks of ``DOCS_PER_CHUNK``, in order: a Grain chain
+    (``MapDataset.source(docs).batch(...).map(tokenize)``), read in ``workers`` Grain worker
+    processes (0: in this process, one chunk read ahead in a thread)."""
+    import grain
 
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-        yield from ex.map(_tokenize_chunk, jobs)
+    from btlm_jax.data import chain
+
+    if len(docs) == 0:
+        return
+    ds = grain.MapDataset.source(np.asarray(docs, np.int64)).batch(DOCS_PER_CHUNK)
+    ds = ds.map(_Tokenize(corpus, tokenizer))
+    if len(ds) <= 1:
+        workers = 0
+    it = chain.worker_processes(ds, workers, prefetch=1)
+    try:
+        yield from it
+    finally:
+        it.close()
 
 
 def build(corpus: Corpus, tokenizer, path: str | os.PathLike, *, seq_len: int, packing: str,
