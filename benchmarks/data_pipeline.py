@@ -11,13 +11,16 @@ Prints tables, measured in this run:
   ``before``, the read path of ``--baseline`` (default ``80d20b4``, the commit before the Grain
   chain: ``StepData.local_batch``), extracted with ``git archive`` into a temporary directory and
   run in a subprocess on the same store; the two alternate for ``--rounds`` rounds and the best
-  round of each is shown (the machine is shared);
+  round of each is shown (the machine is shared); ``--same_batches`` also compares every batch
+  of 12 runs (both packings, phases, rollbacks, 1 and 2 processes) under both trees;
 * the Grain reader (``StepData.reader``: ``data.prefetch`` threads, ``data.num_workers``
   processes) over the 1B-class steps, as the training feed reads them;
 * what a step consumes: the ``bench`` preset's jitted train step on this machine, measured
   (``--no_train`` skips it), and a 1B-class step on one accelerator, computed from model FLOPs:
   ``tokens/s = MFU x peak / train_flops_per_token`` at ``--mfu`` (default 0.4) of ``--peak_tflops``
   (default 989, an H100's dense bf16 peak);
+* the epoch order: Grain's ``index_shuffle`` per entry against a NumPy permutation per unit (the
+  reason ``UnitOrder`` uses NumPy up to 4M units);
 * the mixture: how far ``grain.MapDataset.mix`` and our interleave stray from the weights (the
   reason the chain mixes with ``select_from_datasets`` and our selection map).
 
@@ -106,6 +109,46 @@ dt = time.perf_counter() - t0
 print(json.dumps({{"tokens_per_s": tokens / dt, "step_ms": 1e3 * dt / steps,
                   "digest": digest}}))
 """
+
+
+# Every local batch of 80-step runs, hashed: concat and document packing, two phases with two
+# rollbacks and one phase, 1 and 2 processes (both halves). Run under both trees (--same_batches).
+SAME_BATCHES = r"""
+import hashlib, json, sys
+sys.path.insert(0, sys.argv[1])
+from configs import btlm as presets
+from btlm_jax.data import pipeline, tokenizer
+from btlm_jax.data.positions import Rollback
+out = {}
+for packing in ("concat", "document"):
+    for phases, rbs in ((("256:8:40", "1024:2:40"), [(50, 30, 5), (60, 55, 0)]), ((), [])):
+        cfg = presets.get_config("tiny")
+        cfg.data.train = cfg.data.eval = ""
+        cfg.data.cache_dir = sys.argv[2]
+        cfg.data.packing, cfg.data.prefetch = packing, 0
+        cfg.train.phases, cfg.train.steps = phases, 80 if phases else 50
+        cfg.data.mixture = "PydocTopics=0.2,PythonDocstrings=0.3,PythonStdlibCode=0.5"
+        tok = tokenizer.load_or_train(cfg)
+        for P in (1, 2):
+            for p in range(P):
+                d = pipeline.StepData(cfg, tok, p, P, rollbacks=[Rollback(*r) for r in rbs])
+                h = hashlib.sha256()
+                for i in range(cfg.train.steps):
+                    b = d.local_batch(i)
+                    for k in sorted(pipeline.FIELDS):
+                        h.update(b[k].tobytes())
+                out[f"{packing}, phases {phases or 'one'}, process {p} of {P}"] = h.hexdigest()
+print(json.dumps(out))
+"""
+
+
+def same_batches(tree: str, cache_dir: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=tree, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SAME_BATCHES, tree, cache_dir],
+                         capture_output=True, text=True, env=env, cwd=tree)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def extract_baseline(rev: str, into: str) -> str:
@@ -220,6 +263,25 @@ def mixture_deviation(weights, rows: int = 20000) -> tuple[float, float, float]:
     return worst, ours, gap
 
 
+def shuffle_costs() -> list[list[str]]:
+    """Microseconds per unit of an epoch order: Grain's index_shuffle entry by entry, and a whole
+    NumPy permutation divided by its length (why UnitOrder uses NumPy up to 4M units)."""
+    from grain.experimental import index_shuffle
+
+    rows = []
+    for n in (10, 1000, 10**6):
+        m = min(n, 2000)
+        t0 = time.perf_counter()
+        for k in range(m):
+            index_shuffle(k, max_index=n - 1, seed=3, rounds=4)
+        grain_us = 1e6 * (time.perf_counter() - t0) / m
+        t0 = time.perf_counter()
+        np.random.default_rng((3, 0)).permutation(n)
+        numpy_us = 1e6 * (time.perf_counter() - t0) / n
+        rows.append([f"{n:,}", f"{grain_us:,.1f}", f"{numpy_us:,.3f}"])
+    return rows
+
+
 def table(title, header, rows):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     print(f"\n{title}")
@@ -243,6 +305,8 @@ def main():
     ap.add_argument("--baseline", default="80d20b4", help="git revision of the previous read "
                     "path ('' skips it)")
     ap.add_argument("--no_train", action="store_true", help="skip timing the bench train step")
+    ap.add_argument("--same_batches", action="store_true", help="also hash every batch of 12 "
+                    "runs (packings, phases, rollbacks, process counts) under both trees")
     ap.add_argument("--train_steps", type=int, default=3)
     ap.add_argument("--mfu", type=float, default=0.4)
     ap.add_argument("--peak_tflops", type=float, default=989.0)
@@ -272,6 +336,13 @@ def main():
                     key = (name, how)
                     if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
                         best[key] = r
+        same = None
+        if base and args.same_batches:
+            from btlm_jax.data import pipeline
+
+            cdir = pipeline.cache_dir(_cfg(args))
+            old, new = same_batches(base, cdir), same_batches(ROOT, cdir)
+            same = [[k, "yes" if new[k] == v else "NO"] for k, v in old.items()]
     rows = []
     for name, (b, L) in STEPS.items():
         g = best[(name, "grain")]
@@ -286,6 +357,9 @@ def main():
           ["step", "grain chain", "before"][:3 if base else 2] +
           (["grain/before", "same batches"] if base else []),
           rows)
+    if same:
+        table(f"every batch of 12 runs, grain chain vs {args.baseline}", ["run", "same batches"],
+              same)
 
     b, L = STEPS["1B-class"]
     reader = []
@@ -313,6 +387,10 @@ def main():
     rows.append(["  build vs one accelerator",
                  f"{build['tokens'] / build['seconds'] / need:,.2f}x"])
     table("build and consumption", ["measure", "value"], rows)
+
+    table("epoch order: microseconds per unit", ["units", "grain index_shuffle (per entry)",
+                                                  "numpy permutation (whole epoch / n)"],
+          shuffle_costs())
 
     mixes = {"SlimPajama's 7 sources": [52.2, 26.7, 5.2, 4.2, 4.6, 3.8, 3.3],
              "1 : 1.999": [1, 1.999], "0.5 : 0.3 : 0.2": [0.5, 0.3, 0.2]}

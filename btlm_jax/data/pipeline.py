@@ -10,18 +10,20 @@ batches. The training loop (:mod:`btlm_jax.train.feed`) and the batch inspector
 
     corpus files (.jsonl.zst, .jsonl, .txt, .array_record) --(once, cached)--> packed store
         (btlm_jax.data.store: every document tokenized and packed, memory-mapped)
-    per source s and phase p:
-      grain.MapDataset.source(Rows)              the store's rows at the phase's length
-      UnitRows(unit_order, rows)                 rows in unit order: Grain's per-epoch shuffle
-                                                 of the units (btlm_jax.data.units)
+    per source s and phase p (btlm_jax.data.units):
+      Rows                                       the store's rows at the phase's length, a
+                                                 Grain data source (btlm_jax.data.store)
+      UnitOrder                                  the units' order, a fresh shuffle per epoch
+      UnitRows(UnitOrder, Rows)                  the rows in unit order
     per segment (btlm_jax.data.positions: a stretch of steps, one phase, its start units):
       grain.MapDataset.select_from_datasets(     the mixture: exact proportions at every step
           [UnitRows of each source], SegmentMixture)   (btlm_jax.data.chain)
     grain.MapDataset.concatenate(segments)       the run's row sequence
       -> data.transforms                         user MapDataset transforms (btlm_jax.data
                                                  .transforms)
-      -> per phase: .slice(phase's rows).batch(B / P).slice(p::P), concatenated
+      -> per phase: .slice(phase's rows), Batch(B / P), .slice(p::P); concatenated
                                                  this process's rows of each step's batch
+                                                 (P processes, this one p)
     dataset[i]                                   the batch of step i
 
 The data position is global across phases and rollbacks: each source has one cursor, a phase

@@ -2,17 +2,16 @@
 
 Units and epochs are described in :mod:`btlm_jax.data.positions`. Here:
 
-* the epoch order of a source's ``n`` units is Grain's shuffle, ``grain.MapDataset.range(n)
-  .shuffle(seed)``: unit position ``k`` is unit ``perm_e(k mod n)`` of epoch ``e = k // n``, a
-  fresh permutation every epoch (Grain seeds epoch ``e`` with ``seed + e``), computed entry by
-  entry by Grain's ``index_shuffle`` (a pure function of ``(seed, k)``: O(1) memory, no state,
-  the same in every process). ``seed`` comes from the run's seed and the source's name only, so
-  every phase reads the same order;
+* :class:`UnitOrder`, a ``grain.MapDataset``: element ``k`` is the unit at unit position ``k``,
+  ``perm_e(k mod n)`` of epoch ``e = k // n``, a fresh permutation every epoch (Grain's
+  ``MapDataset.shuffle`` above 4M units, NumPy's permutation below: see the class), a pure
+  function of ``(seed, k)``, the same in every process. ``seed`` comes from the run's seed and
+  the source's name only, so every phase reads the same order;
 * :class:`SourceUnits` says where the rows of each phase lie in that order (the
   :class:`btlm_jax.data.positions.Layout` of one source);
-* :class:`UnitRows` is the source's rows at one phase's length in that order, a
-  ``grain.MapDataset`` over the packed store's rows (``grain.MapDataset.source(Rows)``): element
-  ``g`` is the ``g``-th row of the source's endless sequence of epochs.
+* :class:`UnitRows`, a ``grain.MapDataset`` over the unit order and the packed store's rows (a
+  Grain data source, :class:`btlm_jax.data.store.Rows`): element ``g`` is the ``g``-th row of
+  the source's endless sequence of epochs at one phase's length.
 """
 
 from __future__ import annotations
