@@ -13,9 +13,10 @@ An element of ``rows`` is one training row, a dict of ``[seq_len]`` numpy arrays
 process and for every process count. The transforms run before the rows are batched and split
 between processes: each process transforms only its own rows. Keep a row a row: ``.map``,
 ``.map_with_index``, ``.random_map`` (a ``.filter`` would leave holes in the step-keyed batches
-and is refused: mask instead, ``loss_mask = 0``). A transform may add fields; the train step
-reads ``inputs``, ``targets``, ``loss_mask``, ``segment_ids``, ``positions`` and the token
-counters ``source_ids``. Evaluation batches are not transformed.
+and is refused: mask instead, ``loss_mask = 0``). The arrays of a row may be shared and
+read-only: return new arrays (``{**row, "loss_mask": ...}``), never write into them. A transform
+may add fields; the train step reads ``inputs``, ``targets``, ``loss_mask``, ``segment_ids``,
+``positions`` and the token counters ``source_ids``. Evaluation batches are not transformed.
 
 Example, a per-row token filter (no loss on predicting digits)::
 
