@@ -140,6 +140,17 @@ def default_data() -> ml_collections.ConfigDict:
     return d
 
 
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+    for key in ("num_workers", "prefetch"):
+        v = d[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"data.{key}={v!r}: must be an integer >= 0")
+    tf = d.transforms
+    if isinstance(tf, str) or not all(isinstance(x, str) and x.strip() for x in tf):
+        raise ConfigError(f"data.transforms={tf!r}: must be a tuple of 'module:function' "
+                          "strings, e.g. ('mytransforms:no_loss_on_digits',)")
+
+
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -255,15 +266,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         v = _get(cfg, key)
         if v not in choices:
             raise ConfigError(f"{key}={v!r}: must be one of {', '.join(choices)}")
-    for key in ("train.rollback_back_steps", "train.rollback_skip_batches", "data.num_workers",
-                "data.prefetch"):
+    for key in ("train.rollback_back_steps", "train.rollback_skip_batches"):
         v = _get(cfg, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"{key}={v!r}: must be an integer >= 0")
-    tf = cfg.data.transforms
-    if isinstance(tf, str) or not all(isinstance(x, str) and x.strip() for x in tf):
-        raise ConfigError(f"data.transforms={tf!r}: must be a tuple of 'module:function' "
-                          "strings, e.g. ('mytransforms:no_loss_on_digits',)")
+    _validate_data(cfg.data)
     spike = cfg.train.max_loss_spike
     if isinstance(spike, bool) or not isinstance(spike, (int, float)) or not spike >= 0 or (
             0 < spike <= 1):

@@ -590,6 +590,9 @@ def test_transform_errors_name_the_entry(tmp_path):
     cfg.data.transforms = ("tests.test_data_pipeline:noise", 3)
     with pytest.raises(ConfigError, match=r"data\.transforms=.*tuple of 'module:function'"):
         validate(cfg)
+    cfg.data.transforms, cfg.data.prefetch = (), -1
+    with pytest.raises(ConfigError, match=r"data\.prefetch=-1: must be an integer >= 0"):
+        validate(cfg)
 
 
 @pytest.mark.slow  # Grain's worker processes start in about 2 s (each imports grain and JAX)
