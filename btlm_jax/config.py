@@ -139,9 +139,25 @@ def default_data() -> ml_collections.ConfigDict:
     d.mixture = ""  # "src=w,src=w" or a preset name (see btlm_jax.data.mixtures); empty = natural
     d.source_field = "meta.redpajama_set_name"
     d.on_error = "raise"  # raise | skip
-    d.num_workers = 0  # grain worker processes (0 = in process)
-    d.prefetch = 2
+    # Grain worker processes (0 = in process): they tokenize the corpus when the packed store is
+    # built, and read (and transform) the training batches (mp_prefetch)
+    d.num_workers = 0
+    d.prefetch = 2  # training batches read ahead by Grain's prefetch threads (0 = none)
+    # user grain.MapDataset transforms of the training rows: ("module:function", ...), see
+    # btlm_jax/data/transforms.py
+    d.transforms = ()
     return d
+
+
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+    for key in ("num_workers", "prefetch"):
+        v = d[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"data.{key}={v!r}: must be an integer >= 0")
+    tf = d.transforms
+    if isinstance(tf, str) or not all(isinstance(x, str) and x.strip() for x in tf):
+        raise ConfigError(f"data.transforms={tf!r}: must be a tuple of 'module:function' "
+                          "strings, e.g. ('mytransforms:no_loss_on_digits',)")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -296,6 +312,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         v = _get(cfg, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"{key}={v!r}: must be an integer >= 0")
+    _validate_data(cfg.data)
     spike = cfg.train.max_loss_spike
     if isinstance(spike, bool) or not isinstance(spike, (int, float)) or not spike >= 0 or (
             0 < spike <= 1):

@@ -317,17 +317,30 @@ def test_skipped_records_are_counted(tmp_path):
 
 @pytest.mark.parametrize("dense", [True, False])  # NumPy permutations / Grain's index shuffle
 def test_epoch_order_is_a_fresh_permutation_each_epoch(monkeypatch, dense):
-    monkeypatch.setattr(pipeline.EpochOrder, "DENSE_MAX", 1000 if dense else 10)
-    n = 37
-    order = pipeline.EpochOrder(n, seed=5)
-    got = order(np.arange(3 * n))
+    from grain.experimental import index_shuffle
+
+    from btlm_jax.data import units
+
+    monkeypatch.setattr(units.UnitOrder, "DENSE_MAX", 1000 if dense else 10)
+    n, seed = 37, 5
+    order = units.UnitOrder(n, seed)
+    got = np.asarray([order[k] for k in range(3 * n)])
     epochs = got.reshape(3, n)
     for e in epochs:
         assert sorted(e) == list(range(n))
     assert not (epochs[0] == epochs[1]).all() and not (epochs[0] == np.arange(n)).all()
-    np.testing.assert_array_equal(order([80, 3, 40]), got[[80, 3, 40]])  # random access
+    # the documented functions: NumPy's permutation per (seed, epoch) / Grain's index_shuffle
+    # with seed + epoch, entry by entry
+    for e in range(3):
+        want = (np.random.default_rng((seed, e)).permutation(n) if dense else
+                [index_shuffle(k, max_index=n - 1, seed=seed + e, rounds=4) for k in range(n)])
+        np.testing.assert_array_equal(epochs[e], want)
+        np.testing.assert_array_equal(order.permutation(e), want)
+    fresh = units.UnitOrder(n, seed)  # a pure function: random access, any order, any object
+    np.testing.assert_array_equal(fresh._getitems([80, 3, 40]), got[[80, 3, 40]])
 
 
+@pytest.mark.slow  # Grain's worker processes start in about 2 s (each imports grain and JAX)
 def test_store_build_with_worker_processes_is_identical(tmp_path):
     from btlm_jax.data import store
 
@@ -498,3 +511,102 @@ def test_plan_matches_a_row_by_row_simulation(rollbacks):
         seg, got = plan.rows(i, 0, phases[plan.phase_of(i)][1])
         m = per_unit[seg.phase]
         assert [(s, seg.units[s] + k // m, k % m) for s, k in got] == rows, i
+
+
+# ----------------------------------------------------------------------------------------------
+# The chain of grain.MapDatasets (issue 29): data.transforms, Grain's reader and worker processes
+
+VOWELS = np.asarray([ord(c) for c in "aeiou"])
+
+
+def no_loss_on_vowels(rows):
+    """A per-row token filter (data.transforms): no loss on predicting a vowel."""
+    def f(row):
+        return {**row, "loss_mask": row["loss_mask"] * ~np.isin(row["targets"], VOWELS)}
+    return rows.map(f)
+
+
+def row_number(rows):
+    """Adds each row's index in the run's row sequence (map_with_index)."""
+    return rows.map_with_index(lambda i, row: {**row, "row": np.full(4, i, np.int64)})
+
+
+def noise(rows):
+    """A random transform: Grain draws per row index, so every process draws the same."""
+    return rows.random_map(lambda row, rng: {**row, "noise": rng.integers(0, 1 << 30, 4)},
+                           seed=7)
+
+
+def drop_odd(rows):
+    return rows.filter(lambda row: int(row["inputs"][0]) % 2 == 0)
+
+
+def _transform_cfg(tmp_path, **kw):
+    rng = random.Random(21)
+    src = {"A": _docs(rng, 20, 0, 300, "a"), "B": _docs(rng, 20, 0, 300, "b")}
+    return _cfg(tmp_path, _write(tmp_path, src), phases=("16:4:3", "32:2:3"), steps=6, **kw)
+
+
+def test_transforms_apply_per_row_before_batching_and_process_split(tmp_path):
+    import grain
+
+    here = "tests.test_data_pipeline"
+    cfg = _transform_cfg(tmp_path)
+    plain = pipeline.StepData(cfg, BYTES)
+    cfg.data.transforms = (f"{here}:no_loss_on_vowels", f"{here}:row_number", f"{here}:noise")
+    data = pipeline.StepData(cfg, BYTES)
+    ds = data.dataset()
+    assert isinstance(ds, grain.MapDataset) and len(ds) == 6
+    halves = [pipeline.StepData(cfg, BYTES, p, 2).dataset() for p in range(2)]
+    first_row = 0
+    for step in range(6):
+        ref, got = plain.global_batch(step), ds[step]
+        b = ref["inputs"].shape[0]
+        np.testing.assert_array_equal(got["inputs"], ref["inputs"])
+        vowel = np.isin(ref["targets"], VOWELS)
+        assert vowel.any()
+        np.testing.assert_array_equal(got["loss_mask"], np.where(vowel, 0.0, ref["loss_mask"]))
+        # the index a transform sees is the row's place in the run's row sequence
+        np.testing.assert_array_equal(got["row"][:, 0], first_row + np.arange(b))
+        first_row += b
+        # two processes: each transforms its own rows, and together they make the same batch
+        parts = [h[step] for h in halves]
+        for k in ("inputs", "loss_mask", "row", "noise"):
+            np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), got[k])
+        np.testing.assert_array_equal(data.rows(step, 1, 2)["noise"], got["noise"][1:2])
+    assert len({tuple(x) for x in np.concatenate([ds[s]["noise"] for s in range(6)])}) == 18
+
+
+def test_transform_errors_name_the_entry(tmp_path):
+    from btlm_jax.config import ConfigError, validate
+
+    cfg = _transform_cfg(tmp_path)
+    for spec, what in [("tests.test_data_pipeline:drop_odd", r"transforms\[0\].*filters rows"),
+                       ("nosuchmodule_xyz:f", r"transforms\[0\].*cannot import 'nosuchmodule"),
+                       ("tests.test_data_pipeline:nope", r"has no 'nope'")]:
+        cfg.data.transforms = (spec,)
+        with pytest.raises(DataError, match=what):
+            pipeline.StepData(cfg, BYTES)
+    cfg.data.transforms = ("tests.test_data_pipeline:noise", 3)
+    with pytest.raises(ConfigError, match=r"data\.transforms=.*tuple of 'module:function'"):
+        validate(cfg)
+    cfg.data.transforms, cfg.data.prefetch = (), -1
+    with pytest.raises(ConfigError, match=r"data\.prefetch=-1: must be an integer >= 0"):
+        validate(cfg)
+
+
+@pytest.mark.slow  # Grain's worker processes start in about 2 s (each imports grain and JAX)
+def test_grain_reader_threads_and_worker_processes_match_random_access(tmp_path):
+    """StepData.reader (the feed's iterator): Grain's prefetch threads and two worker processes
+    (mp_prefetch; the chain, a user transform included, pickled into them) yield dataset[i]."""
+    cfg = _transform_cfg(tmp_path, transforms=("tests.test_data_pipeline:noise",))
+    data = pipeline.StepData(cfg, BYTES)
+    ds = data.dataset()
+    for prefetch, workers in ((2, 0), (1, 2)):
+        it = data.reader(2, prefetch=prefetch, workers=workers)
+        got = list(it)
+        it.close()
+        assert len(got) == 4
+        for step, b in zip(range(2, 6), got):
+            for k in pipeline.FIELDS + ("noise",):
+                np.testing.assert_array_equal(b[k], ds[step][k], err_msg=f"{k} {step} {workers}")

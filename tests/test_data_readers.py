@@ -207,3 +207,64 @@ def test_tokenizer_train_cache_roundtrip_and_vocab_check(tmp_path):
         tokenizer.load_or_train(cfg2)
     bt = tokenizer.Tokenizer.from_file("bytes")
     assert bt.decode(bt.encode("héllo")) == "héllo" and bt.eos_id == 256
+
+
+def test_arrayrecord_conversion_reads_the_same_documents_and_batches(tmp_path):
+    """`python -m btlm_jax.data.convert_arrayrecord` turns .jsonl.zst shards into ArrayRecord
+    files that the same chain reads: the same documents (against a full decode of the shards)
+    and the same training batches as the shards themselves."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from btlm_jax.data import pipeline
+
+    rng = random.Random(5)
+    root = tmp_path / "sp" / "train"
+    recs = [{"text": _rand_text(rng, rng.randint(20, 400)),
+             "meta": {"redpajama_set_name": rng.choice(["A", "B"])}} for _ in range(80)]
+    for k in range(2):
+        slimpajama.write_jsonl_zst(root / f"chunk{k + 1}" / f"example_train_{k}.jsonl.zst",
+                                   recs[k::2])
+    jsonl = str(root / "chunk*" / "*.jsonl.zst")
+    out = tmp_path / "ar"
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "btlm_jax.data.convert_arrayrecord", f"--input={jsonl}",
+           f"--output={out}"]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    made = sorted(str(p.relative_to(out)) for p in out.rglob("*.array_record"))
+    assert made == ["chunk1/example_train_0.array_record", "chunk2/example_train_1.array_record"]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and \
+        "example_train_0.array_record exists" in again.stderr, again.stderr
+    assert again.stderr.strip().count("\n") == 0
+
+    ar = str(out / "chunk*" / "*.array_record")
+    want = [(x["meta"]["redpajama_set_name"], x["text"]) for x in recs[0::2] + recs[1::2]]
+    c = Corpus(ar, cache_dir=tmp_path / "cache")
+    assert [(c.source_names[c.doc_source[i]], c.text(i)) for i in range(len(c))] == want
+    second = str(out / "chunk2" / "example_train_1.array_record")
+    assert [t for _, t in slimpajama.read_documents(second)] == [x["text"] for x in recs[1::2]]
+    batches = {}
+    for name, spec in (("jsonl", jsonl), ("arrayrecord", ar)):
+        cfg = default_config()
+        cfg.data.train, cfg.data.eval, cfg.data.tokenizer = spec, spec, "bytes"
+        cfg.data.cache_dir = str(tmp_path / "cache")
+        cfg.train.seq_len, cfg.train.batch_size, cfg.train.steps = 32, 4, 20
+        ds = pipeline.StepData(cfg, tokenizer.Tokenizer.from_file("bytes")).dataset()
+        batches[name] = [ds[i] for i in (0, 7, 19)]
+        ev = pipeline.make_eval_batches(cfg, tokenizer.Tokenizer.from_file("bytes"), seq_len=32,
+                                        batch_size=2, num_batches=2)
+        batches[name] += ev
+    for a, b in zip(batches["jsonl"], batches["arrayrecord"]):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # a truncated file fails naming it
+    bad = tmp_path / "bad" / "x.array_record"
+    bad.parent.mkdir()
+    data = (out / "chunk1/example_train_0.array_record").read_bytes()
+    bad.write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=r"x\.array_record: corrupt, truncated or not an Array"):
+        Corpus(str(bad), cache_dir=tmp_path / "cache")

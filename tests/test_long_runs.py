@@ -220,6 +220,17 @@ def test_inspector_writes_the_batches_training_read(rolled, tmp_path):
         np.testing.assert_array_equal(got[f"sources_{s}"], src, err_msg=f"step {s}")
     assert got["tokens_1"].shape == (4, 32) and got[f"tokens_{STEPS}"].shape == (2, 64)
     assert names == sorted(names) and len(names) == 3
+    # the run's Grain chain, as a library user reads it: element s - 1 is what update s trained on
+    import grain
+
+    from btlm_jax.data import train_dataset
+
+    ds = train_dataset(wd)
+    assert isinstance(ds, grain.MapDataset) and len(ds) == STEPS
+    for s in (1, POISON, STEPS):
+        np.testing.assert_array_equal(ds[s - 1]["inputs"], final[s][0], err_msg=f"step {s}")
+    half = train_dataset(wd, process_index=1, process_count=2)
+    np.testing.assert_array_equal(half[POISON - 1]["inputs"], final[POISON][0][1:])
     # before the rollback: the batch the diverged step 13 really saw (its first training)
     first13 = next(x for s, x, _ in rec.seen if s + 1 == POISON)
     r = _inspector(f"--workdir={wd}", f"--steps={POISON}:{POISON + 1}", "--rollbacks=0",
@@ -235,7 +246,7 @@ def test_inspector_writes_the_batches_training_read(rolled, tmp_path):
     r = _inspector(f"--workdir={wd}", "--steps=0:3", f"--out={out}")
     assert r.returncode == 2 and r.stderr.startswith("error: --steps='0:3'"), r.stderr
     assert r.stderr.strip().count("\n") == 0, r.stderr
-    from btlm_jax.cli import batches
+    from btlm_jax import batches
 
     for bad, what in ((f"1:{STEPS + 2}", "the run has steps 1 .. 20"), ("3:3", "1 <= A < B"),
                       ("x", "give A:B")):

@@ -3,8 +3,8 @@
 
 Steps are numbered as in ``metrics.jsonl`` and the run's messages: step ``s`` is the ``s``-th
 update, the one logged as ``"step": s``. For each step ``s`` in ``[A, B)`` the global batch it
-trains on is computed by the training pipeline itself (:class:`btlm_jax.data.pipeline.StepData`,
-the rows the training feed reads), across phases and after the run's rollbacks, from the run's
+trains on is element ``s - 1`` of the run's Grain chain (:func:`btlm_jax.data.train_dataset`,
+the chain the training feed reads), across phases and after the run's rollbacks, from the run's
 ``config.json``, its pinned tokenizer and its rollback log (``RUN/rollbacks.json``, written at
 each rollback; else the newest checkpoint's). Nothing in the run directory is written; the packed
 store is built in the run's ``data.cache_dir`` if it is missing.
@@ -22,6 +22,7 @@ from __future__ import annotations
 from absl import flags
 
 from btlm_jax import errors
+from btlm_jax.batches import batches
 from btlm_jax.cli.common import run_app, start
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + tokenizer/).")
@@ -34,65 +35,6 @@ _ROLLBACKS = flags.DEFINE_integer("rollbacks", -1, "Use the first K rollbacks of
 errors.define_verbose_flag()
 
 
-def parse_steps(spec: str, total: int) -> range:
-    """``"A:B"`` (or ``"A"``) -> ``range(A, B)``, checked against the run's ``total`` steps."""
-    try:
-        parts = [int(x) for x in spec.split(":")]
-        if len(parts) == 1:
-            parts.append(parts[0] + 1)
-        a, b = parts
-    except ValueError:
-        raise ValueError(f"--steps={spec!r}: give A:B (the steps A .. B-1), e.g. --steps=10:12"
-                         ) from None
-    if not 1 <= a < b <= total + 1:
-        raise ValueError(f"--steps={spec!r}: the run has steps 1 .. {total} (step s is the s-th "
-                         f"update, as in metrics.jsonl); give 1 <= A < B <= {total + 1}")
-    return range(a, b)
-
-
-def run_rollbacks(run) -> tuple[list, str]:
-    """The run's rollback log and where it came from."""
-    from btlm_jax.train.run_dir import ROLLBACKS, read_rollbacks
-
-    logged = read_rollbacks(run.path)
-    if logged is not None:
-        return logged, str(run.path / ROLLBACKS)
-    from btlm_jax.data.positions import parse_rollbacks
-
-    ckpt = run.checkpointer()
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            return [], "no rollback log and no checkpoint: none"
-        data = ckpt.restore_data(max(steps))
-    finally:
-        ckpt.close()
-    return parse_rollbacks(data.get("rollbacks")), f"checkpoint {max(steps)}"
-
-
-def batches(workdir: str, steps, rollbacks: int = -1):
-    """``(data, rollback log used, where it came from, {step: global batch}, tokenizer)`` for
-    the steps (metrics numbering, ``"A:B"`` or an iterable) of the run in ``workdir``: the
-    pipeline object (closed) and the global batches the training loop reads."""
-    from btlm_jax.data import pipeline
-    from btlm_jax.train.run_dir import RunDir
-
-    run = RunDir.open(workdir)
-    log, where = run_rollbacks(run)
-    if rollbacks >= 0:
-        if rollbacks > len(log):
-            raise ValueError(f"--rollbacks={rollbacks}: the run's log ({where}) has "
-                             f"{len(log)} rollback(s)")
-        log = log[:rollbacks]
-    data = pipeline.StepData(run.cfg, run.tokenizer, rollbacks=log)
-    try:
-        steps = parse_steps(steps, data.total_steps) if isinstance(steps, str) else steps
-        out = {s: data.global_batch(s - 1) for s in steps}  # step s reads batch index s - 1
-    finally:
-        data.close()
-    return data, log, where, out, run.tokenizer
-
-
 @errors.entry_point  # user errors: one `error: ...` line, exit 2 (--verbose: the traceback)
 def main(argv):
     start(argv, distributed=False)
@@ -100,10 +42,10 @@ def main(argv):
 
     if not _OUT.value and not _DECODE.value:
         raise ValueError("give --out=FILE.npz (the token arrays) and/or --decode (the text)")
-    data, log, where, got, tok = batches(_WORKDIR.value, _STEPS.value, _ROLLBACKS.value)
-    names = data.source_names
-    print(f"{len(got)} step(s) of {_WORKDIR.value}; rollback log: {len(log)} rollback(s) "
-          f"({where})")
+    data, got = batches(_WORKDIR.value, _STEPS.value, _ROLLBACKS.value)
+    names, tok = data.source_names, data.tokenizer
+    print(f"{len(got)} step(s) of {_WORKDIR.value}; rollback log: {len(data.rollbacks)} "
+          f"rollback(s) ({data.rollback_source})")
     if _DECODE.value:
         for s, b in got.items():
             for r in range(b["inputs"].shape[0]):

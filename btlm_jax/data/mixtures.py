@@ -14,6 +14,7 @@ rows, so a source with weight w supplies a fraction w of the training tokens.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 from btlm_jax.data.slimpajama import DataError
@@ -161,10 +162,20 @@ class Interleave:
     def rows(self, h0: int, h1: int) -> list[tuple[int, int]]:
         """``(source, k)`` for the global rows ``h0 .. h1 - 1`` in order: row ``h`` is arrival
         ``k`` of ``source`` (its ``k``-th row overall)."""
-        from fractions import Fraction
+        return self.between(self.counts_before(h0), self.counts_before(h1))
 
-        a, b = self.counts_before(h0), self.counts_before(h1)
-        items = [(Fraction(2 * k + 1, self.W[s]), s, k)
-                 for s in self.active for k in range(a[s], b[s])]
-        items.sort()
+    def between(self, a, b) -> list[tuple[int, int]]:
+        """``(source, k)`` of the rows between the per-source counts ``a`` and ``b`` (of
+        :meth:`counts_before`), in order: merged by ``(2k + 1) / W_s`` exactly (as integers over
+        the weights' least common multiple), ties to the lower source."""
+        c = self._scale
+        items = sorted(((2 * k + 1) * c[s], s, k) for s in self.active for k in range(a[s], b[s]))
         return [(s, k) for _, s, k in items]
+
+    @property
+    def _scale(self) -> list[int]:
+        c = self.__dict__.get("_c")
+        if c is None:
+            lcm = math.lcm(*(self.W[s] for s in self.active))
+            c = self._c = [lcm // w if w else 0 for w in self.W]
+        return c

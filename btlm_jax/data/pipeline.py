@@ -1,20 +1,30 @@
-"""The training input: step-keyed batches read from a packed token store.
+"""The training input: a chain of ``grain.MapDataset``s, keyed by step, over a packed token store.
 
-The global batch of step ``i`` is a pure function of (``seed``, the data config, ``train.phases``,
-the run's rollback log, ``i``): the same for every number of processes and every device mesh.
-Each process reads only its rows of it (:class:`StepData`), so resuming needs no replay and no
+The global batch of step ``i`` is ``dataset[i]``, a pure function of (``seed``, the data config,
+``train.phases``, the run's rollback log, ``i``): the same for every number of processes and
+every device mesh. Each process reads only its rows of it, so resuming needs no replay and no
 iterator state, and a checkpoint written by N processes resumes on M processes with the same
 batches. The training loop (:mod:`btlm_jax.train.feed`) and the batch inspector
-(:mod:`btlm_jax.cli.batches`) read the batches through the same :meth:`StepData.rows`.
+(:mod:`btlm_jax.cli.batches`) read the same chain (:class:`StepData`;
+:func:`btlm_jax.data.train_dataset` builds it for a run directory)::
 
-    corpus files --(once, cached)--> packed store per (corpus, tokenizer, packing[, seq_len])
+    corpus files (.jsonl.zst, .jsonl, .txt, .array_record) --(once, cached)--> packed store
         (btlm_jax.data.store: every document tokenized and packed, memory-mapped)
-    step i -> its segment (btlm_jax.data.positions: phase, start position in each source)
-           -> rows of the segment's row sequence [j*B, (j+1)*B)
-           -> sources by the mixture (mixtures.Interleave: exact proportions at every step)
-           -> row k of source s = row k from the segment's start in s's units, read in a
-              fresh random unit order every epoch (SourceUnits, EpochOrder)
-           -> this process's rows [p*B/P, (p+1)*B/P)
+    per source s and phase p (btlm_jax.data.units):
+      Rows                                       the store's rows at the phase's length, a
+                                                 Grain data source (btlm_jax.data.store)
+      UnitOrder                                  the units' order, a fresh shuffle per epoch
+      UnitRows(UnitOrder, Rows)                  the rows in unit order
+    per segment (btlm_jax.data.positions: a stretch of steps, one phase, its start units):
+      grain.MapDataset.select_from_datasets(     the mixture: exact proportions at every step
+          [UnitRows of each source], SegmentMixture)   (btlm_jax.data.chain)
+    grain.MapDataset.concatenate(segments)       the run's row sequence
+      -> data.transforms                         user MapDataset transforms (btlm_jax.data
+                                                 .transforms)
+      -> per phase: .slice(phase's rows), Batch(B / P), .slice(p::P); concatenated
+                                                 this process's rows of each step's batch
+                                                 (P processes, this one p)
+    dataset[i]                                   the batch of step i
 
 The data position is global across phases and rollbacks: each source has one cursor, a phase
 packs rows at its own length from the next unread unit, and a rollback skips data, never
@@ -38,13 +48,14 @@ import logging
 import math
 import os
 import threading
-from typing import Any
 
 import grain
 import numpy as np
 
-from btlm_jax.data import mixtures, positions, sample, slimpajama
+from btlm_jax.data import chain, mixtures, positions, sample, slimpajama
 from btlm_jax.data import store as store_lib
+from btlm_jax.data import transforms as transforms_lib
+from btlm_jax.data import units as units_lib
 from btlm_jax.data.slimpajama import DataError
 
 log = logging.getLogger(__name__)
@@ -145,95 +156,55 @@ def _seed_for(seed: int, *parts) -> int:
     return int.from_bytes(h[:4], "little")
 
 
-class StepIterator:
-    """An iterator over this process's batches of :class:`StepData`, from the first step of a
-    phase. Its state is only the step (the same on every process), for loops that checkpoint an
-    iterator state."""
-
-    def __init__(self, data: "StepData", start: int):
-        self.data, self.step = data, int(start)
-        self.source_names, self.weights = data.source_names, data.weights
-        self.skipped_records = data.skipped_records
-
-    @property
-    def skipped_documents(self) -> int:
-        return self.skipped_records
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        out = self.data.local_batch(self.step)
-        self.step += 1
-        return out
-
-    def get_state(self) -> dict:
-        return {"step": self.step}
-
-    def set_state(self, state: dict) -> None:
-        self.step = int(state["step"])
-
-    def close(self):
-        self.data.close()
-
-
-def make_train_iterator(cfg, tokenizer, *, seq_len: int, batch_size: int, phase: int = 0,
-                        process_index: int = 0, process_count: int = 1) -> StepIterator:
-    """This process's batches of phase ``phase`` of ``train.phases`` (``seq_len`` and
-    ``batch_size`` must be that phase's), from the phase's first step: :class:`StepData` as an
-    iterator."""
-    data = StepData(cfg, tokenizer, process_index, process_count)
-    want = data.phases[phase][:2]
-    if (seq_len, batch_size) != tuple(want):
-        raise ValueError(f"phase {phase} of the config is seq_len {want[0]} x batch {want[1]}, "
-                         f"not {seq_len} x {batch_size}")
-    return StepIterator(data, data.phase_start(phase))
-
-
 def make_eval_batches(cfg, tokenizer, *, seq_len: int, batch_size: int,
                       num_batches: int, contiguous: bool = False) -> list[dict[str, np.ndarray]]:
     """Deterministic evaluation batches from ``data.eval`` (or the sample corpus' holdout).
 
-    The rows are those of the eval corpus' packed store in order (documents in file order, each
-    source packed separately), taken round-robin across sources, so every source gets an equal
-    number of rows (per-source losses come from ``source_ids``); a source with fewer rows wraps
-    around. Every process computes the same (whole) batches. Returns [] when there is no
-    evaluation data (``data.eval`` unset while ``data.train`` is set).
+    A Grain chain (:func:`eval_dataset`): the rows of the eval corpus' packed store in order
+    (documents in file order, each source packed separately), taken round-robin across sources,
+    so every source gets an equal number of rows (per-source losses come from ``source_ids``); a
+    source with fewer rows wraps around. Every process computes the same (whole) batches.
+    Returns [] when there is no evaluation data (``data.eval`` unset while ``data.train`` is
+    set).
 
     ``contiguous``: only rows that lie inside one document (no end-of-document token among the
     inputs after the first), so a long row never reads across into an unrelated text; an error
     when no row of ``seq_len`` fits inside a document.
     """
+    ds = eval_dataset(cfg, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                      num_batches=num_batches, contiguous=contiguous)
+    return [] if ds is None else [ds[b] for b in range(len(ds))]
+
+
+def eval_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, num_batches: int,
+                 contiguous: bool = False) -> grain.MapDataset | None:
+    """The evaluation batches as a ``grain.MapDataset`` (element ``b``: batch ``b``), or None
+    without evaluation data: per source ``grain.MapDataset.source(Rows)`` (``contiguous``: only
+    the rows inside one document), mixed round-robin (:class:`chain.RoundRobin`), batched."""
     spec = eval_spec(cfg)
     if spec is None:
         log.warning("data.eval is unset (and data.train is set): no evaluation batches")
-        return []
+        return None
     st = open_store(cfg, tokenizer, spec, "data.eval", seq_len)
     names = source_names(cfg)
     srcs = [st.rows(s, names.index(s), seq_len) for s in st.source_names]
     if contiguous:
-        srcs = [_ContiguousRows(r, tokenizer.eos_id) for r in srcs]
+        srcs = [_Contiguous(r, tokenizer.eos_id) for r in srcs]
         srcs = [r for r in srcs if len(r)]
         if not srcs:
             raise DataError(f"data.eval={spec!r}: no document is {seq_len} tokens long, so no "
                             "evaluation row lies inside one document; give longer texts")
     total = batch_size * num_batches
-    which = np.arange(total) % len(srcs)
-    out = {f: np.empty((total, seq_len), np.float32 if f == "loss_mask" else np.int32)
-           for f in FIELDS}
-    for i, rows in enumerate(srcs):
-        where = np.flatnonzero(which == i)
-        got = rows.take((where // len(srcs)) % len(rows))
-        for f in FIELDS:
-            out[f][where] = got[f]
-    return [{f: out[f][b * batch_size:(b + 1) * batch_size] for f in FIELDS}
-            for b in range(num_batches)]
+    rows = chain.mixture([grain.MapDataset.source(r) for r in srcs],
+                         chain.RoundRobin([len(r) for r in srcs], total))
+    return rows.batch(batch_size)
 
 
-class _ContiguousRows:
-    """The rows of ``rows`` that hold no end-of-document token after their first input."""
+class _Contiguous:
+    """The rows of ``rows`` that hold no end-of-document token after their first input (a Grain
+    data source)."""
 
-    def __init__(self, rows, eos_id: int):
+    def __init__(self, rows: store_lib.Rows, eos_id: int):
         self.rows = rows
         inputs = rows.take(np.arange(len(rows)))["inputs"] if len(rows) else np.zeros((0, 1))
         self.keep = np.flatnonzero(~np.any(inputs[:, 1:] == eos_id, axis=1))
@@ -241,13 +212,13 @@ class _ContiguousRows:
     def __len__(self) -> int:
         return int(self.keep.size)
 
-    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        return self.rows.take(self.keep[np.asarray(idx)])
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.rows[int(self.keep[i])]
 
 
 # ----------------------------------------------------------------------------------------------
 # Step-keyed training data: the global batch of step i is a pure function of (seed, data config,
-# phases, i), whatever the number of processes; each process reads only its rows.
+# phases, rollback log, i), whatever the number of processes; each process reads only its rows.
 
 
 def corpus_identity(cfg, spec: str) -> list:
@@ -269,46 +240,6 @@ def open_store(cfg, tokenizer, spec: str, key: str, seq_len: int, log=None,
         num_workers=int(_get(cfg, "data.num_workers", 0) or 0), log=log, unit_tokens=unit_tokens)
 
 
-class EpochOrder:
-    """The order in which a source's ``n`` units are read: unit position ``k`` is unit
-    ``perm_e(k mod n)``, ``e = k // n``, a fresh permutation every epoch.
-
-    Up to :attr:`DENSE_MAX` units the permutation of an epoch is NumPy's (``default_rng((seed,
-    e)).permutation(n)``, cached for two epochs); above, Grain's index shuffle computes each entry
-    on its own (O(1) memory, about 35 us per unit; it is slow on small ranges)."""
-
-    DENSE_MAX = 1 << 22
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = int(n), int(seed)
-        self._perms: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()  # the prefetch thread and the loop may both read
-        self._grain = None if self.n <= self.DENSE_MAX else \
-            grain.MapDataset.range(self.n).shuffle(seed=self.seed)
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The whole permutation of ``epoch`` (NumPy's, whatever ``n``)."""
-        with self._lock:
-            p = self._perms.get(epoch)
-            if p is None:
-                p = np.random.default_rng((self.seed, epoch)).permutation(self.n)
-                if len(self._perms) >= 2:
-                    self._perms.pop(min(self._perms))
-                self._perms[epoch] = p
-            return p
-
-    def __call__(self, ks) -> np.ndarray:
-        ks = np.asarray(ks, np.int64)
-        if self._grain is not None:
-            return np.asarray([self._grain[int(k)] % self.n for k in ks], np.int64)
-        out = np.empty(len(ks), np.int64)
-        epochs = ks // self.n
-        for e in np.unique(epochs):
-            m = epochs == e
-            out[m] = self.permutation(int(e))[ks[m] % self.n]
-        return out
-
-
 DOC_UNIT_ROWS = 32  # document packing with several lengths: units of 32 x the longest length
 
 
@@ -322,96 +253,33 @@ def unit_size(phases, packing: str) -> int:
     return 0 if len(lengths) == 1 else DOC_UNIT_ROWS * lengths[-1]
 
 
-class SourceUnits:
-    """One source's units in epoch order and where the rows of each phase lie in them.
-
-    ``per_unit[phase]`` is an int (every unit holds that many rows of the phase's length: concat
-    packing, or document packing with one row per unit) or an int64 array (document packing in
-    units: the first row of each unit, then the row count)."""
-
-    def __init__(self, name: str, n: int, seed: int):
-        self.name, self.n = name, int(n)
-        self.order = EpochOrder(self.n, seed)
-        self.per_unit: dict[int, Any] = {}
-        self._cum: dict[tuple[int, int], np.ndarray] = {}
-        self._lock = threading.Lock()
-
-    def _cumulative(self, phase: int, epoch: int) -> np.ndarray:
-        """Rows before each unit position of ``epoch`` (n + 1 entries), document units."""
-        key = (phase, epoch)
-        with self._lock:
-            c = self._cum.get(key)
-        if c is None:
-            off = self.per_unit[phase]
-            counts = np.diff(off)[self.order.permutation(epoch)]
-            c = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            with self._lock:
-                if len(self._cum) >= 8:
-                    self._cum.pop(next(iter(self._cum)))
-                self._cum[key] = c
-        return c
-
-    def _first_row(self, phase: int, start: int) -> int:
-        """Document units: the number of rows before unit position ``start``."""
-        per_epoch = int(self.per_unit[phase][-1])
-        e, p = divmod(int(start), self.n)
-        return e * per_epoch + int(self._cumulative(phase, e)[p])
-
-    def end(self, phase: int, start: int, rows: int) -> int:
-        """The unit position after the last of ``rows`` rows read from unit position ``start``."""
-        m = self.per_unit[phase]
-        if rows <= 0:
-            return int(start)
-        if isinstance(m, int):
-            return int(start) + -(-int(rows) // m)
-        per_epoch = int(m[-1])
-        e, w = divmod(self._first_row(phase, start) + int(rows) - 1, per_epoch)
-        p = int(np.searchsorted(self._cumulative(phase, e), w, "right")) - 1
-        return e * self.n + p + 1
-
-    def locate(self, phase: int, start: int, ks) -> np.ndarray:
-        """The store rows (at the phase's length) of rows ``ks`` counted from ``start``."""
-        ks = np.asarray(ks, np.int64)
-        m = self.per_unit[phase]
-        if isinstance(m, int):
-            pos = int(start) + ks // m
-            return self.order(pos) * m + ks % m
-        per_epoch = int(m[-1])
-        g = self._first_row(phase, start) + ks
-        out = np.empty(len(ks), np.int64)
-        epochs = g // per_epoch
-        for e in np.unique(epochs):
-            sel = epochs == e
-            w = g[sel] % per_epoch
-            cum = self._cumulative(phase, int(e))
-            p = np.searchsorted(cum, w, "right") - 1
-            out[sel] = m[self.order.permutation(int(e))[p]] + (w - cum[p])
-        return out
-
-
 class StepData:
-    """The training batches, keyed by step.
+    """The training batches, keyed by step: the run's chain of ``grain.MapDataset``s.
 
-    ``StepData(cfg, tokenizer, process_index, process_count, rollbacks=...).local_batch(step)`` is
-    this process's rows ``[p * B / P, (p + 1) * B / P)`` of the global batch of ``step`` (``B``
-    and the sequence length from the step's phase, ``train.phases``); :meth:`rows` gives any
-    stretch of it. The global batch is a pure function of the config, the step and the run's
-    rollback log (:meth:`set_rollbacks`), the same for every process count and every device mesh,
-    so a checkpoint carries only the log and resumes on any number of processes.
+    ``StepData(cfg, tokenizer, process_index, process_count, rollbacks=...)``: :meth:`dataset`
+    is the chain (``dataset(p, P)[i]``: process ``p``'s rows ``[p * B / P, (p + 1) * B / P)`` of
+    the global batch of step ``i``; ``dataset()[i]``: the whole global batch), ``B`` and the
+    sequence length from the step's phase (``train.phases``). The global batch is a pure
+    function of the config, the step and the run's rollback log (:meth:`set_rollbacks`), the same
+    for every process count and every device mesh, so a checkpoint carries only the log and
+    resumes on any number of processes. :meth:`reader` iterates over this process's batches from
+    a step with Grain's prefetch (``data.prefetch``) and worker processes (``data.num_workers``).
 
     The global batch of step ``i`` (the batch index: ``i`` completed steps): rows ``j * B .. (j +
     1) * B`` of its segment (``j = i -`` the segment's first step), in which the sources follow
     :class:`mixtures.Interleave` (row ``h`` is row ``k`` of source ``s``), and row ``k`` of source
     ``s`` is the ``k``-th row from the segment's start in the source's units, read in epoch order
-    (:class:`SourceUnits`, :class:`EpochOrder`); segments, units and epochs are described in
-    :mod:`btlm_jax.data.positions`.
+    (:mod:`btlm_jax.data.units`); segments, units and epochs are described in
+    :mod:`btlm_jax.data.positions`. ``data.transforms`` then apply to each row.
 
     Every element is a dict of numpy arrays ``[rows, seq_len]``: ``inputs``, ``targets`` (int32),
     ``loss_mask`` (float32, 0 on padding), ``segment_ids``, ``positions`` (int32) and
-    ``source_ids`` (int32 index into :func:`source_names`; -1 on padding).
+    ``source_ids`` (int32 index into :func:`source_names`; -1 on padding), plus any field a
+    transform adds.
 
     Attributes: ``source_names``, ``weights`` (resolved mixture), ``skipped_records`` (bad input
-    records skipped with ``data.on_error=skip``), ``phases``, ``rollbacks``.
+    records skipped with ``data.on_error=skip``), ``phases``, ``rollbacks``, ``rows_dataset``
+    (the run's row sequence after the transforms).
     """
 
     def __init__(self, cfg, tokenizer, process_index: int = 0, process_count: int = 1, *,
@@ -432,6 +300,9 @@ class StepData:
         self.spec = train_spec(cfg)
         self.packing = _get(cfg, "data.packing", "concat")
         self.unit_tokens = unit_size(self.phases, self.packing)
+        self.transforms = transforms_lib.parse(_get(cfg, "data.transforms", ()))
+        for i, name in enumerate(self.transforms):  # a typo fails here, before any store build
+            transforms_lib.resolve(name, i)
         corpus = load_corpus(cfg, self.spec, "data.train")
         self.source_names = source_names(cfg)
         self.weights = mixture_weights(cfg, tokenizer, log=log)
@@ -440,26 +311,63 @@ class StepData:
         self.skipped_records = corpus.skipped
         self._stores: dict[int, store_lib.Store] = {}
         self._rows: dict[tuple[int, int], store_lib.Rows] = {}
-        self._units: list[SourceUnits] = []
+        self._streams: dict[tuple[int, int], units_lib.UnitRows] = {}
         self._open_lock = threading.Lock()
-        for i, s in enumerate(self.active):
-            self._units.append(SourceUnits(s, self._count_units(s), _seed_for(self.seed, "train",
-                                                                              s)))
-        self._prefetch = int(_get(cfg, "data.prefetch", 2) or 0) > 0
-        self._pool = None
-        self._pending: dict[int, Any] = {}
-        self._plan = positions.Plan(self.phases, self.interleave, self, rollbacks)
+        self._units = [units_lib.SourceUnits(s, self._count_units(s),
+                                             _seed_for(self.seed, "train", s))
+                       for s in self.active]
+        self.set_rollbacks(rollbacks)
 
-    # -- the rollback log ------------------------------------------------------------------------
+    # -- the rollback log and the chain --------------------------------------------------------
     @property
     def rollbacks(self) -> list[positions.Rollback]:
         return list(self._plan.rollbacks)
 
     def set_rollbacks(self, rollbacks) -> None:
-        """Reads the batches of the trajectory the rollback log describes from now on."""
+        """Builds the chain of the trajectory the rollback log describes."""
         plan = positions.Plan(self.phases, self.interleave, self, rollbacks)
-        self._pending.clear()  # batches read ahead for the previous trajectory
+        segs = plan.segments
+        parts = []
+        for g, seg in enumerate(segs):
+            stop = segs[g + 1].start if g + 1 < len(segs) else plan.total
+            b = self.phases[seg.phase][1]
+            streams = [self._stream(i, seg.phase) for i in range(len(self._units))]
+            first = [u.first_row(seg.phase, seg.units[i]) for i, u in enumerate(self._units)]
+            mix = chain.SegmentMixture(self.interleave, first, (stop - seg.start) * b, b)
+            parts.append(chain.mixture(streams, mix))
+        rows = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+        self.rows_dataset = transforms_lib.apply(rows, self.transforms)
+        self._global = chain.step_batches(self.rows_dataset, self.phases)
+        self._local = (self._global if self.process_count == 1 else chain.step_batches(
+            self.rows_dataset, self.phases, self.process_index, self.process_count))
+        self._first_rows = np.cumsum([0] + [b * n for _, b, n in self.phases])
         self._plan = plan
+
+    def dataset(self, process_index: int | None = None,
+                process_count: int | None = None) -> grain.MapDataset:
+        """The chain: element ``i`` is process ``process_index``'s rows of the batch of step
+        ``i`` (default: this object's process); ``dataset(0, 1)``: the global batches."""
+        p = self.process_index if process_index is None else int(process_index)
+        n = self.process_count if process_count is None else int(process_count)
+        if (p, n) == (0, 1):
+            return self._global
+        if (p, n) == (self.process_index, self.process_count):
+            return self._local
+        for i, (_, b, _) in enumerate(self.phases):
+            if b % n:
+                raise DataError(f"train.phases[{i}]: global batch {b} is not divisible by {n}")
+        return chain.step_batches(self.rows_dataset, self.phases, p, n)
+
+    def reader(self, start: int, *, prefetch: int | None = None, workers: int | None = None):
+        """An iterator over this process's batches of steps ``start, start + 1, ...``: Grain's
+        ``to_iter_dataset`` with ``prefetch`` batches read ahead in as many threads
+        (``data.prefetch``) and, with ``workers`` > 0, Grain's worker processes
+        (``data.num_workers``, ``mp_prefetch``: worker ``w`` reads the steps ``start + w``,
+        ``start + w + workers``, ...). Close it with ``.close()``."""
+        prefetch = int(_get(self.cfg, "data.prefetch", 2) or 0) if prefetch is None else prefetch
+        workers = int(_get(self.cfg, "data.num_workers", 0) or 0) if workers is None else workers
+        return chain.worker_processes(self._local.slice(slice(int(start), None)), workers,
+                                      prefetch=prefetch)
 
     # -- steps and phases ------------------------------------------------------------------------
     @property
@@ -485,6 +393,11 @@ class StepData:
         b, _ = self.batch_shape(step)
         n = b // self.process_count
         return self.process_index * n, (self.process_index + 1) * n
+
+    def _check_step(self, step: int) -> int:
+        if not 0 <= int(step) < self.total_steps:
+            raise IndexError(f"step {step}: the run has batches 0 .. {self.total_steps - 1}")
+        return int(step)
 
     # -- units and rows ----------------------------------------------------------------------------
     def _store(self, phase: int) -> store_lib.Store:
@@ -518,6 +431,14 @@ class StepData:
             self._rows[key] = rows
         return self._rows[key]
 
+    def _stream(self, i: int, phase: int) -> units_lib.UnitRows:
+        """Active source ``i``'s rows at ``phase``'s length in unit order (a MapDataset)."""
+        key = (i, phase)
+        if key not in self._streams:
+            self._streams[key] = units_lib.UnitRows(self._units[i], phase,
+                                                    self._source_rows(i, phase))
+        return self._streams[key]
+
     def _count_units(self, source: str) -> int:
         st = self._store(0)
         idx = st.source_names.index(source)
@@ -538,57 +459,32 @@ class StepData:
         return int(st.meta["sources"][idx]["rows"])
 
     def end(self, source: int, phase: int, start: int, rows: int) -> int:
-        """:class:`btlm_jax.data.positions.Layout`: see :meth:`SourceUnits.end`."""
+        """:class:`btlm_jax.data.positions.Layout`: see :meth:`units.SourceUnits.end`."""
         self._source_rows(source, phase)
         return self._units[source].end(phase, start, rows)
 
+    # -- batches -----------------------------------------------------------------------------------
     def rows(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Rows ``lo .. hi - 1`` of the global batch of ``step`` (its batch index)."""
+        """Rows ``lo .. hi - 1`` of the global batch of ``step`` (its batch index): elements of
+        :attr:`rows_dataset`, stacked."""
+        step = self._check_step(step)
         phase = self.phase_of(step)
         seq_len, b, _ = self.phases[phase]
         if not 0 <= lo <= hi <= b:
             raise IndexError(f"rows [{lo}, {hi}) of a global batch of {b}")
-        seg, assign = self._plan.rows(step, lo, hi)
-        out = {f: np.empty((hi - lo, seq_len), np.float32 if f == "loss_mask" else np.int32)
-               for f in FIELDS}
-        src = np.asarray([s for s, _ in assign], np.int64)
-        ks = np.asarray([k for _, k in assign], np.int64)
-        for i, u in enumerate(self._units):
-            where = np.flatnonzero(src == i)
-            if len(where) == 0:
-                continue
-            rows = self._source_rows(i, phase)
-            got = rows.take(u.locate(phase, seg.units[i], ks[where]))
-            for f in FIELDS:
-                out[f][where] = got[f]
-        return out
+        r0 = int(self._first_rows[phase]) + (step - self.phase_start(phase)) * b
+        if hi == lo:
+            return {f: np.empty((0, seq_len), np.float32 if f == "loss_mask" else np.int32)
+                    for f in FIELDS}
+        return chain.stack(self.rows_dataset._getitems(list(range(r0 + lo, r0 + hi))))
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
-        return self.rows(step, 0, self.batch_shape(step)[0])
-
-    def _local(self, step: int) -> dict[str, np.ndarray]:
-        return self.rows(step, *self.local_range(step))
+        """The global batch of ``step``: ``dataset(0, 1)[step]``."""
+        return self._global[self._check_step(step)]
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of the global batch of ``step``; the next step's rows are read in
-        a background thread meanwhile (``data.prefetch`` > 0)."""
-        if not self._prefetch:
-            return self._local(step)
-        fut = self._pending.pop(step, None)
-        self._pending.clear()
-        out = fut.result() if fut is not None else self._local(step)
-        if self._pool is None:
-            import concurrent.futures
-
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, "btlm-data")
-        nxt = self.phase_of(step + 1)
-        for i in range(len(self._units)):  # open (or build) the next phase's store in this thread
-            self._source_rows(i, nxt)
-        self._pending[step + 1] = self._pool.submit(self._local, step + 1)
-        return out
+        """This process's rows of the global batch of ``step``: ``dataset()[step]``."""
+        return self._local[self._check_step(step)]
 
     def close(self):
-        self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        pass

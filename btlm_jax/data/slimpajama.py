@@ -6,6 +6,10 @@ Accepted inputs (``data.train`` / ``data.eval``: comma-separated globs, each opt
 * ``.jsonl.zst`` and ``.jsonl``: one JSON object per line with the document in ``"text"``
   (SlimPajama: ``train/chunkN/example_train_K.jsonl.zst``, ``validation|test/chunkN/
   example_holdout_K.jsonl.zst``);
+* ``.array_record`` (also ``NAME.array_record-00000-of-00008``): Grain's own random-access
+  format, one JSON object (as above) per record, read through
+  ``grain.sources.ArrayRecordDataSource``; ``python -m btlm_jax.data.convert_arrayrecord``
+  writes them from ``.jsonl(.zst)`` shards;
 * ``.txt``: the whole file is one document.
 
 The source of a document is, in order: the glob's label (``code=/data/github/*.jsonl``), the
@@ -16,7 +20,8 @@ Random access: the first time a shard is seen we read it once and write an index
 directory (keyed by path, size and mtime): for each document its byte range, and for compressed
 shards a *seekable* copy of the shard made of independent zstd frames of about 256 KiB each, so a
 document is read by decompressing one small frame rather than the whole shard. Plain ``.jsonl``
-and ``.txt`` files are read in place with ``os.pread``.
+and ``.txt`` files are read in place with ``os.pread``, ArrayRecord files by record number (they
+need no seekable copy).
 
 Bad input: a corrupt or truncated ``.zst`` shard, invalid UTF-8, invalid JSON or a line without a
 string ``text`` field raise :class:`DataError` naming the file (and line). With
@@ -30,6 +35,7 @@ import glob as _glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 from collections import OrderedDict
@@ -90,20 +96,26 @@ def expand_globs(spec: str, key: str = "data.train") -> list[tuple[str | None, s
     """(label, file) for every file matched by ``spec``; an error naming ``key`` if none match."""
     parts = parse_globs(spec)
     if not parts:
-        raise DataError(f"{key} is empty: set it to a glob of .jsonl.zst/.jsonl/.txt files")
+        raise DataError(f"{key} is empty: set it to a glob of .jsonl.zst/.jsonl/.array_record/"
+                        ".txt files")
     files: list[tuple[str | None, str]] = []
     for label, pattern in parts:
         matched = sorted(p for p in _glob.glob(os.path.expanduser(pattern), recursive=True)
                          if os.path.isfile(p) and _kind(p) is not None)
         if not matched:
             raise DataError(
-                f"{key}={spec!r}: the glob {pattern!r} matches no .jsonl.zst, .jsonl or .txt "
-                "files; check the path")
+                f"{key}={spec!r}: the glob {pattern!r} matches no .jsonl.zst, .jsonl, "
+                ".array_record or .txt files; check the path")
         files.extend((label, p) for p in matched)
     return files
 
 
+_ARRAY_RECORD = re.compile(r"\.array_record(-\d+-of-\d+)?$")
+
+
 def _kind(path: str) -> str | None:
+    if _ARRAY_RECORD.search(path):
+        return "arrayrecord"
     if path.endswith(".jsonl.zst") or path.endswith(".json.zst"):
         return "zst"
     if path.endswith(".jsonl") or path.endswith(".json"):
@@ -213,14 +225,20 @@ def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 
 def _parse_line(path: str, lineno: int, line: bytes) -> dict:
+    return parse_record(f"{path}:{lineno}", line)
+
+
+def parse_record(where: str, line: bytes) -> dict:
+    """One JSON record (a jsonl line, an ArrayRecord record) with a string ``"text"``; a
+    DataError naming ``where`` (file:line, file record N) otherwise."""
     try:
         obj = json.loads(line)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno}: invalid UTF-8 ({e})") from None
+        raise DataError(f"{where}: invalid UTF-8 ({e})") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-        raise DataError(f"{path}:{lineno}: expected a JSON object with a string \"text\" field")
+        raise DataError(f"{where}: expected a JSON object with a string \"text\" field")
     return obj
 
 
@@ -252,13 +270,14 @@ class _IndexBuilder:
         self.blocks.append(block)
         self.sources.append(source)
 
-    def add_line(self, lineno: int, line: bytes, start: int, end: int, block: int = 0) -> bool:
-        """Parses one jsonl line and adds it as the document at ``[start, end)``; False for a
-        blank or (skipped) bad line."""
+    def add_line(self, lineno: int, line: bytes, start: int, end: int, block: int = 0,
+                 where: str | None = None) -> bool:
+        """Parses one jsonl line (or record) and adds it as the document at ``[start, end)``;
+        False for a blank or (skipped) bad line."""
         if not line.strip():
             return False
         try:
-            obj = _parse_line(self.path, lineno, line)
+            obj = parse_record(where or f"{self.path}:{lineno}", line)
         except DataError as e:
             self.bad(str(e))
             return False
@@ -350,11 +369,43 @@ def _index_zst(b: _IndexBuilder, seekable_path: str) -> FileIndex:
     return b.result(w.block_offsets, seekable_path)
 
 
+def open_array_record_reader(path: str):
+    """array_record's sequential reader of ``path``; a DataError for a corrupt or truncated
+    file."""
+    from array_record.python import array_record_module
+
+    why = ("corrupt, truncated or not an ArrayRecord file; convert the .jsonl(.zst) shard again "
+           "(python -m btlm_jax.data.convert_arrayrecord)")
+    try:
+        r = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
+    except RuntimeError as e:
+        raise DataError(f"{path}: {why} ({str(e)[:160]})") from None
+    if not r.ok():
+        raise DataError(f"{path}: {why}")
+    return r
+
+
+def _index_arrayrecord(b: _IndexBuilder) -> FileIndex:
+    """Document ``j`` of the file is record ``j`` (``starts``: the record number)."""
+    try:
+        r = open_array_record_reader(b.path)
+        n = r.num_records()
+        for lo in range(0, n, 1024):
+            for j, rec in enumerate(r.read(list(range(lo, min(lo + 1024, n)))), lo):
+                b.add_line(j, rec, j, j + 1, where=f"{b.path} record {j}")
+        r.close()
+    except DataError as e:
+        b.bad(str(e))
+    return b.result()
+
+
 def _build_index(path: str, label: str | None, source_field: str, on_error: str,
                  seekable_path: str | None) -> FileIndex:
     b = _IndexBuilder(path, label, source_field, on_error)
     if b.kind == "txt":
         return _index_txt(b)
+    if b.kind == "arrayrecord":
+        return _index_arrayrecord(b)
     if b.kind == "jsonl":
         return _index_jsonl(b)
     assert seekable_path is not None
@@ -441,6 +492,7 @@ class Corpus:
         if len(self) == 0:
             raise DataError(f"{key}={spec!r}: the files contain no documents")
         self._fds: dict[int, int] = {}
+        self._ars: dict[int, Any] = {}  # grain.sources.ArrayRecordDataSource per file
         self._fd_lock = threading.Lock()
         self._local = threading.local()  # per-thread decompressor and block cache
 
@@ -450,6 +502,7 @@ class Corpus:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_fds"], state["_fd_lock"], state["_local"] = {}, None, None
+        state["_ars"] = {}
         return state
 
     def __setstate__(self, state):
@@ -500,8 +553,21 @@ class Corpus:
             local.blocks.popitem(last=False)
         return data
 
+    def _array_record(self, f: int):
+        src = self._ars.get(f)
+        if src is None:
+            import grain
+
+            with self._fd_lock:
+                src = self._ars.get(f)
+                if src is None:
+                    src = self._ars[f] = grain.sources.ArrayRecordDataSource([self.paths[f]])
+        return src
+
     def raw(self, i: int) -> bytes:
         f, s, e = int(self.doc_file[i]), int(self.doc_start[i]), int(self.doc_end[i])
+        if self.kinds[f] == "arrayrecord":
+            return self._array_record(f)[s]
         if self.kinds[f] == "zst":
             return self._block(f, int(self.doc_block[i]))[s:e]
         return os.pread(self._fd(self.paths[f], f), e - s, s)
@@ -520,11 +586,21 @@ def read_documents(path: str, source_field: str = "meta.redpajama_set_name",
     """Streams (source, text) of every document of one file in order (no index, no cache)."""
     kind = _kind(path)
     if kind is None:
-        raise DataError(f"{path}: unsupported file type (want .jsonl.zst, .jsonl or .txt)")
+        raise DataError(f"{path}: unsupported file type (want .jsonl.zst, .jsonl, .array_record "
+                        "or .txt)")
     if kind == "txt":
         text = Path(path).read_text(encoding="utf-8")
         if text.strip():
             yield label or DEFAULT_SOURCE, text
+        return
+    if kind == "arrayrecord":
+        r = open_array_record_reader(path)
+        for j in range(r.num_records()):
+            (rec,) = r.read([j])
+            if rec.strip():
+                obj = parse_record(f"{path} record {j}", rec)
+                yield _source_of(obj, label, source_field), obj["text"]
+        r.close()
         return
     for lineno, line in iter_lines(path):
         if line.strip():

@@ -93,9 +93,12 @@ def _positions(seg: np.ndarray) -> np.ndarray:
 
 
 class Rows:
-    """The packed rows of one source: ``len(rows)``, ``rows[r]`` -> dict of [seq_len] arrays.
+    """The packed rows of one source at one length: ``len(rows)``, ``rows[r]`` -> dict of
+    ``[seq_len]`` arrays (the fields of :data:`FIELDS`).
 
-    A Grain random-access data source (picklable; the memory maps open lazily)."""
+    A Grain random-access data source (``grain.MapDataset.source(rows)``), with the batched read
+    Grain's ``SourceMapDataset`` uses (``_getitems``); picklable for Grain's worker processes (the
+    memory maps open lazily in each process)."""
 
     def __init__(self, path: str, meta: dict, index: int, source_id: int, seq_len: int):
         self.path, self.index, self.source_id = path, index, int(source_id)
@@ -120,7 +123,11 @@ class Rows:
     def __getstate__(self):
         d = self.__dict__.copy()
         d["_mm"] = None
+        d.pop("_const", None)
         return d
+
+    def __repr__(self) -> str:
+        return f"Rows({self.name!r}, seq_len={self.L}, rows={self.num_rows}, {self.packing})"
 
     def _maps(self) -> dict:
         if self._mm is None:
@@ -146,20 +153,56 @@ class Rows:
             raise ValueError(f"{self.path} is not packed in units")
         return np.fromfile(os.path.join(self.path, f"src{self.index}.units.bin"), np.int64)
 
+    def _check(self, rows: np.ndarray) -> None:
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"rows {rows} out of range for {self.num_rows} rows of {self.name}")
+
+    def _constant(self) -> dict[str, np.ndarray]:
+        """A concat row's fields that do not depend on the row: shared, read-only."""
+        c = self.__dict__.get("_const")
+        if c is None:
+            L = self.L
+            c = {"loss_mask": np.ones(L, np.float32), "segment_ids": np.ones(L, np.int32),
+                 "positions": np.arange(L, dtype=np.int32),
+                 "source_ids": np.full(L, self.source_id, np.int32)}
+            for v in c.values():
+                v.flags.writeable = False
+            self._const = c
+        return c
+
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
-        return {k: v[0] for k, v in self.take(np.asarray([r])).items()}
+        """Row ``r``: a dict of ``[seq_len]`` arrays, some of them shared and read-only (a
+        transform returns new arrays rather than writing into them)."""
+        return self._getitems([r])[0]
+
+    def _getitems(self, rows) -> list[dict[str, np.ndarray]]:
+        """Grain's batched read: the rows ``rows`` as a list of row dicts (views of one read;
+        with concat packing the constant fields are shared read-only arrays)."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if self.packing != "concat":
+            got = self.take(rows)
+            return [{k: v[i] for k, v in got.items()} for i in range(len(rows))]
+        self._check(rows)
+        t = self._tokens(rows)
+        t.flags.writeable = False
+        L, const = self.L, self._constant()
+        return [{"inputs": t[i, :L], "targets": t[i, 1:], **const} for i in range(len(rows))]
+
+    def _tokens(self, rows: np.ndarray) -> np.ndarray:
+        """Concat: the ``L + 1`` stream tokens of each row (int32 ``[len(rows), L + 1]``)."""
+        L, tok = self.L, self._maps()["tokens"]
+        t = np.empty((len(rows), L + 1), np.int32)
+        for i, r in enumerate(rows):  # contiguous slices: faster than one fancy gather
+            t[i] = tok[r * L:r * L + L + 1]
+        return t
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The rows ``rows`` (int array) stacked: dict of [len(rows), seq_len] arrays."""
         rows = np.asarray(rows, np.int64).reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
-            raise IndexError(f"rows {rows} out of range for {self.num_rows} rows of {self.name}")
+        self._check(rows)
         L, n, mm = self.L, len(rows), self._maps()
         if self.packing == "concat":
-            tok = mm["tokens"]
-            t = np.empty((n, L + 1), np.int32)
-            for i, r in enumerate(rows):  # contiguous slices: faster than one fancy gather
-                t[i] = tok[r * L:r * L + L + 1]
+            t = self._tokens(rows)
             return {"inputs": t[:, :L], "targets": t[:, 1:],
                     "loss_mask": np.ones((n, L), np.float32),
                     "segment_ids": np.ones((n, L), np.int32),
@@ -256,24 +299,37 @@ class _DocumentPacker:
                 self.flush()
 
 
-def _tokenize_chunk(args):
-    corpus, tokenizer, doc_ids = args
-    texts = [corpus.text(int(i)) for i in doc_ids]
-    return [np.asarray(ids, np.int64) for ids in tokenizer.encode_batch(texts)]
+class _Tokenize:
+    """A chunk of document ids -> their token ids (int64 arrays), in order (picklable: Grain's
+    worker processes get a copy)."""
+
+    def __init__(self, corpus: Corpus, tokenizer):
+        self.corpus, self.tokenizer = corpus, tokenizer
+
+    def __call__(self, doc_ids) -> list[np.ndarray]:
+        texts = [self.corpus.text(int(i)) for i in np.atleast_1d(doc_ids)]
+        return [np.asarray(ids, np.int64) for ids in self.tokenizer.encode_batch(texts)]
 
 
 def _chunks(corpus: Corpus, tokenizer, docs: np.ndarray, workers: int):
-    jobs = [(corpus, tokenizer, docs[i:i + DOCS_PER_CHUNK])
-            for i in range(0, len(docs), DOCS_PER_CHUNK)]
-    if workers <= 0 or len(jobs) <= 1:
-        for j in jobs:
-            yield _tokenize_chunk(j)
-        return
-    import concurrent.futures as cf
-    import multiprocessing as mp
+    """The token ids of ``docs`` in chunks of ``DOCS_PER_CHUNK``, in order: a Grain chain
+    (``MapDataset.source(docs).batch(...).map(tokenize)``), read in ``workers`` Grain worker
+    processes (0: in this process, one chunk read ahead in a thread)."""
+    import grain
 
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-        yield from ex.map(_tokenize_chunk, jobs)
+    from btlm_jax.data import chain
+
+    if len(docs) == 0:
+        return
+    ds = grain.MapDataset.source(np.asarray(docs, np.int64)).batch(DOCS_PER_CHUNK)
+    ds = ds.map(_Tokenize(corpus, tokenizer))
+    if len(ds) <= 1:
+        workers = 0
+    it = chain.worker_processes(ds, workers, prefetch=1)
+    try:
+        yield from it
+    finally:
+        it.close()
 
 
 def build(corpus: Corpus, tokenizer, path: str | os.PathLike, *, seq_len: int, packing: str,

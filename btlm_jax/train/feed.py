@@ -1,11 +1,14 @@
 """The training data as the loop consumes it: each step's global batch, and the token counters.
 
-The batches are step-keyed (:class:`btlm_jax.data.pipeline.StepData`): the global batch of step
-``i`` is a pure function of the config, ``i`` and the run's rollback log, whatever the number of
-processes, and each process reads only the rows its devices hold. So the only data state a
-checkpoint carries is the rollback log and the per-source token counters; the position in the data
-follows from the step and the log (:mod:`btlm_jax.data.positions`), and a checkpoint written by N
-processes resumes on M processes with the same batches.
+The batches are the run's Grain chain (:class:`btlm_jax.data.pipeline.StepData`, the chain
+:func:`btlm_jax.data.train_dataset` returns for a run directory): the global batch of step ``i``
+is a pure function of the config, ``i`` and the run's rollback log, whatever the number of
+processes, and each process reads only the rows its devices hold, through Grain's iterator
+(``data.prefetch`` batches read ahead in threads, ``data.num_workers`` worker processes) from the
+step the loop asks for. So the only data state a checkpoint carries is the rollback log and the
+per-source token counters; the position in the data follows from the step and the log
+(:mod:`btlm_jax.data.positions`), and a checkpoint written by N processes resumes on M processes
+with the same batches.
 
 The counters are counted inside the jitted train step (``tokens_per_source`` in its metrics: the
 loss-masked target tokens of the whole global batch per source), so they are global by
@@ -35,6 +38,7 @@ class TrainFeed:
         self.sources = list(self.data.source_names)
         self.counters = {s: 0 for s in self.sources}
         self.phase = None
+        self._reader, self._next = None, None  # Grain's iterator and the step it yields next
         self._pending: list = []  # per-step tokens_per_source device arrays not yet added up
         self._window = 0  # tokens added up since the last take_tokens()
 
@@ -46,6 +50,7 @@ class TrainFeed:
         self.counters = {s: 0 for s in self.sources}
         self.counters.update(saved.get("tokens_per_source") or {})
         self._pending, self._window = [], 0
+        self._close_reader()  # the batches read ahead belong to the previous trajectory
         self.data.set_rollbacks(saved.get("rollbacks") or [] if rollbacks is None else rollbacks)
 
     @property
@@ -60,7 +65,16 @@ class TrainFeed:
                 seq_len, batch_size, _ = self.phases[phase]
                 log(f"phase {phase}: seq_len {seq_len}, batch {batch_size}")
             self.phase = phase
-        return self.data.local_batch(step)
+        if self._reader is None or step != self._next:  # the first step, a resume, a rollback
+            self._close_reader()
+            self._reader = self.data.reader(step)
+        self._next = step + 1
+        return next(self._reader)
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._reader, self._next = None, None
 
     def global_batch(self, step: int, sharding) -> dict:
         """The global batch of step ``step`` as arrays on ``sharding``; every device gets exactly
@@ -122,6 +136,7 @@ class TrainFeed:
                 "rollbacks": [r.to_json() for r in self.rollbacks]}
 
     def close(self) -> None:
+        self._close_reader()
         self.data.close()
 
     def eval_batches(self, seq_len: int) -> list:
