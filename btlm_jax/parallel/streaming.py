@@ -54,6 +54,12 @@ from btlm_jax.parallel.mesh import MESH_AXES, ShardingError
 HOST_KINDS = ("pinned_host", "unpinned_host")
 LAYERS = "layers"
 OVERLAPS = ("none", "prefetch", "prefetch_writeback")
+# The streamed loops read layer i + 1 of a host stack and write layer i of it in place (the
+# double-buffered optimizer update and accumulation). XLA's default copy insertion cannot order
+# the two and copies the whole stack every iteration (on XLA:CPU 1.87x instead of 1.41x device
+# memory from 4 to 16 layers at d_model 1024); its region analysis sees they are disjoint in time.
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True,
+                    "xla_gpu_copy_insertion_use_region_analysis": True}
 UPDATES = ("device", "host")
 
 
@@ -393,7 +399,7 @@ def placement(cfg, mesh: Mesh, model, abstract_state, rules, tx):
         batch_sharding=NamedSharding(mesh, P(MESH_AXES)), batch_axes=MESH_AXES, model=streamed,
         to_device=lambda t: jax.tree_util.tree_map(s.load, t), to_host=s.to_host_tree,
         streams=True, add_fn=functools.partial(s.add_trees, prefetch=prefetch),
-        update_fn=update_fn)
+        update_fn=update_fn, compiler_options=dict(COMPILER_OPTIONS))
 
 
 # ------------------------------------------------------------------------------------------
