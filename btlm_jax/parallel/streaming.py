@@ -41,7 +41,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -310,31 +309,35 @@ class StreamingModel(BTLM):
 
     Same parameters and the same function as :class:`BTLM`; only where the weights live differs.
     The non-layer weights are moved (``gather_fn``) when ``apply`` starts. The forward's call of
-    the scanned layer stack is replaced, by a Flax method interceptor, with ``stack_fn`` (the
-    streamed, double-buffered loop :func:`streamed_stack`); decoding with a KV cache keeps the
-    model's own scan and moves each layer inside it (``layer_params_fn``).
+    the layer stack goes to ``stack_fn`` (the streamed, double-buffered loop
+    :func:`streamed_stack`); decoding with a KV cache keeps the model's own scan, which moves
+    each layer inside it (``layer_params_fn``).
     """
 
     gather_fn: Any = None
     stack_fn: Any = None  # (stacked layer params, x, ctx) -> x
+
+    def setup(self):
+        super().setup()
+        if self.stack_fn is None or not self.cfg.scan_layers:
+            return
+        scanned = self.layers
+
+        def layers(x, ctx, cache=None, cache_index=None):
+            if cache is not None:
+                return scanned(x, ctx, cache, cache_index)
+            return self.stack_fn(self.variables["params"][LAYERS], x, ctx), None
+
+        # BTLM.__call__ calls ``self.layers(x, ctx, None, None)``: the attribute is shadowed by
+        # a plain function (not a submodule), so the scanned stack keeps its name and parameters.
+        object.__setattr__(self, "layers", layers)
 
     def apply(self, variables, *args, **kwargs):
         params = dict(variables["params"])
         # everything except the scanned layer stack moves now (embedding, final norm, head)
         moved = {k: (v if k == LAYERS else jax.tree_util.tree_map(self.gather_fn, v))
                  for k, v in params.items()}
-        stack = params.get(LAYERS)
-
-        def intercept(next_fun, a, kw, context):
-            m = context.module
-            if (self.stack_fn is not None and context.method_name == "__call__"
-                    and m.name == LAYERS and isinstance(m.parent, BTLM) and len(a) == 4
-                    and a[2] is None and not kw):  # the training / scoring forward, no cache
-                return self.stack_fn(stack, a[0], a[1]), None
-            return next_fun(*a, **kw)
-
-        with nn.intercept_methods(intercept):
-            return super().apply({**variables, "params": moved}, *args, **kwargs)
+        return super().apply({**variables, "params": moved}, *args, **kwargs)
 
 
 def options(cfg) -> tuple[str, str]:
