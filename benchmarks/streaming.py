@@ -1,7 +1,8 @@
 """Weight streaming vs the standard layout: memory, step time and the host-link limit.
 
-For each depth (``--depths``, layers), global batch (``--batches``) and layout variant (the
-standard layout, then weight streaming with each ``--stream_overlap`` x ``--stream_update``), the
+For each depth (``--depths``, layers), global batch (``--batches``) and variant (``--variants``:
+``standard``, or weight streaming as ``OVERLAP/UPDATE``, i.e. ``mesh.stream_overlap`` /
+``mesh.stream_update``, e.g. ``prefetch_writeback/device``), the
 real train step (:meth:`btlm_jax.train.program.Program.compile_train_step`) is compiled ahead of
 time on a data-parallel mesh; a row gives the compiled program's per-device device memory and
 host-resident state (:func:`btlm_jax.train.aot.memory_figures`), the median step time of
@@ -155,11 +156,9 @@ def main():
     ap.add_argument("--batches", default="8", help="global batches (a sweep: 8,16,32,64)")
     ap.add_argument("--batch_size", type=int, default=None, help="one global batch (old name)")
     ap.add_argument("--depths", default="4,8,16,32")
-    ap.add_argument("--layouts", default="standard,weight_streaming")
-    ap.add_argument("--stream_overlap", default="prefetch_writeback",
-                    help="comma list of mesh.stream_overlap values to run")
-    ap.add_argument("--stream_update", default="device",
-                    help="comma list of mesh.stream_update values to run")
+    ap.add_argument("--variants", default="standard,prefetch_writeback/device",
+                    help="standard and/or OVERLAP/UPDATE (mesh.stream_overlap/stream_update), "
+                         "comma-separated; the standard rows are the reference")
     ap.add_argument("--fake_devices", type=int, default=8, help="0: the machine's devices")
     ap.add_argument("--steps", type=int, default=2, help="timed steps (0: memory only)")
     ap.add_argument("--budget_mib", type=float, default=64.0)
@@ -187,13 +186,12 @@ def main():
                [int(b) for b in args.batches.split(",")])
     depths = [int(x) for x in args.depths.split(",")]
     variants = []
-    for layout in args.layouts.split(","):
-        if layout == "standard":
-            variants.append(("standard", "standard", None, None))
+    for v in args.variants.split(","):
+        if v == "standard":
+            variants.insert(0, ("standard", "standard", None, None))
         else:
-            for ov in args.stream_overlap.split(","):
-                for up in args.stream_update.split(","):
-                    variants.append((f"ws/{ov}/{up}", layout, ov, up))
+            ov, up = v.split("/")
+            variants.append((f"ws/{ov}/{up}", "weight_streaming", ov, up))
     link = probe_link(args.probe_mib) if args.steps else None
     print(f"preset {args.preset}, seq {args.seq_len}, {n} {jax.default_backend()} devices "
           f"(data parallel), jax {jax.__version__}")
