@@ -38,12 +38,12 @@ else
   DEPTHS=4,16,32; SWEEP_DEPTH=32; BATCHES=8,16,32
 fi
 rc=0
+PWB=prefetch_writeback
 echo "== part 1: memory against depth (batch 8)"
 timeout "${STREAMING_PART1_TIMEOUT:-150}" "$PY" benchmarks/streaming.py "${COMMON[@]}" \
   --depths="$DEPTHS" --batches=8 --variants=standard,prefetch_writeback/device || rc=$?
 echo "== part 2: batch sweep at $SWEEP_DEPTH layers"
 timeout "${STREAMING_PART2_TIMEOUT:-390}" "$PY" benchmarks/streaming.py "${COMMON[@]}" \
   --depths="$SWEEP_DEPTH" --batches="$BATCHES" --hlo \
-  --variants=standard,none/device,prefetch/device,prefetch_writeback/device,prefetch_writeback/host \
-  || rc=$?
+  --variants="standard,none/device,prefetch/device,$PWB/device,$PWB/host" || rc=$?
 exit $rc

@@ -209,7 +209,8 @@ def _batches(vocab, batch, seq, n):
         toks = rng.integers(0, vocab, (batch, seq + 1))
         mask = np.ones((batch, seq), np.float32)
         mask[:, : seq // 4] = 0.0  # some unmasked-out tokens, so the count matters
-        out.append({"inputs": toks[:, :-1].astype(np.int32), "targets": toks[:, 1:].astype(np.int32),
+        out.append({"inputs": toks[:, :-1].astype(np.int32),
+                    "targets": toks[:, 1:].astype(np.int32),
                     "loss_mask": mask, "segment_ids": np.ones((batch, seq), np.int32),
                     "positions": np.broadcast_to(np.arange(seq, dtype=np.int32),
                                                  (batch, seq)).copy()})
@@ -385,9 +386,9 @@ def test_streamed_update_equals_optax(name, prefetch):
 @pytest.mark.slow
 def test_streamed_steps_equal_standard_and_overlap_changes_no_number(steps):
     """4 devices, muP groups (width multiplier 2), weight decay, clipping active every step, 2
-    micro-batches (the host update: 1): every weight-streaming variant's losses, gradient and parameter norms equal
-    the standard layout's (float32, other reduction orders); the three overlap modes are
-    bit-equal to each other (``none`` and ``prefetch_writeback``: the same compute, only the
+    micro-batches (the host update: 1): every weight-streaming variant's losses, gradient and
+    parameter norms equal the standard layout's (float32, other reduction orders); without
+    overlap and with ``prefetch_writeback`` they are bit-equal (the same compute, only the
     moves issued earlier)."""
     ref = steps["standard"]
     assert ref["loss"][-1] < ref["loss"][0] and min(ref["grad_norm"]) > 0.05  # clip active
@@ -461,9 +462,10 @@ def test_streamed_memory_flat_in_depth_and_host_state_sharded(tmp_path):
     options (double-buffered): the streamed step's device memory grows at most 1.5x from 4 to 16
     layers while the state it keeps in host memory grows with the model (3.25x; the standard
     layout's device memory grows 3.14x, benchmarks/RESULTS.md); each device holds 1/8 of the
-    state in host memory. (Before the per-layer move was fenced off from the stack, XLA:CPU relaid out
-    each whole parameter stack for the all-gather: 1.66x; without copy-insertion region analysis
-    the double-buffered optimizer loop copies each stack per iteration: 1.87x.)"""
+    state in host memory. (Before the per-layer move was fenced off from the stack, XLA:CPU
+    relaid out each whole parameter stack for the all-gather: 1.66x; without copy-insertion
+    region analysis the double-buffered optimizer loop copies each stack per iteration:
+    1.87x.)"""
     out = tmp_path / "memory.json"
     _spawn("memory", out, devices=8)
     res = json.loads(out.read_text())

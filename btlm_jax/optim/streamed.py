@@ -103,6 +103,15 @@ def sumsq(tree):
                 for x in jax.tree_util.tree_leaves(tree)), jnp.float32(0))
 
 
+def _global_norm(rest_g, gstack, mean, load, prefetch: bool):
+    """The norm of the mean gradient: the non-layer leaves (already loaded), then the stacked
+    layer gradients one layer at a time."""
+    n_layers = jax.tree_util.tree_leaves(gstack)[0].shape[0]
+    return jnp.sqrt(layer_loop(
+        n_layers, lambda i, _: leafmap(lambda g: load(_at(g, i)), gstack),
+        lambda i, g_i, acc: acc + sumsq(leafmap(mean, g_i)), sumsq(rest_g), prefetch))
+
+
 def streamed_update(tx: optax.GradientTransformation, grad_clip: float, *,
                     load: Callable[[Any], Any], store: Callable[[Any], Any],
                     layers_key: str = "layers", prefetch: bool = False):
@@ -124,10 +133,7 @@ def streamed_update(tx: optax.GradientTransformation, grad_clip: float, *,
 
         # 1. the global norm of the mean gradient, one layer at a time
         rest_g = leafmap(lambda g: mean(load(g)), rest_g)
-
-        g_norm = jnp.sqrt(layer_loop(
-            n_layers, lambda i, _: leafmap(lambda g: load(_at(g, i)), gstack),
-            lambda i, g_i, acc: acc + sumsq(leafmap(mean, g_i)), sumsq(rest_g), prefetch))
+        g_norm = _global_norm(rest_g, gstack, mean, load, prefetch)
 
         def clipped(g):  # optax.clip_by_global_norm, applied leaf by leaf
             if clip <= 0:

@@ -249,40 +249,8 @@ def streamed_stack(s: Streamer, block, stack, x, ctx, overlap: str = "prefetch")
 
     def backward(res, dy):
         stack, hs, w_last, arrays = res
-        c = rebuild(arrays)
-        tmap = jax.tree_util.tree_map
-        if overlap == "prefetch_writeback":
-            # gradient buffer in host memory, written one iteration behind the compute
-            home = tmap(lambda v: jax.device_put(jnp.zeros(v.shape, v.dtype), s._sh(
-                stacked_spec(v.shape, s.n), s.host_kind)), stack)
-
-            def body(j, carry):
-                i = n - 1 - j
-                dy, w, pending, home = carry
-                w_prev = s.fetch_layer(stack, jnp.maximum(i - 1, 0))  # issued first
-                # layer i + 1's gradient leaves now (j = 0 writes zeros that j = 1 overwrites)
-                home = tmap(lambda b, g: _put(b, s.to_home(g), jnp.minimum(i + 1, n - 1)),
-                            home, pending)
-                dw, dx = layer_vjp(w, _at(hs, i), c, dy)
-                return dx, w_prev, tmap(s.scatter, dw), home
-
-            pending = tmap(lambda v: s.scatter(jnp.zeros(v.shape[1:], v.dtype)), stack)
-            dx, _, pending, home = jax.lax.fori_loop(0, n, body, (dy, w_last, pending, home))
-            grads = tmap(lambda b, g: _put(b, s.to_home(g), 0), home, pending)
-        elif overlap == "prefetch":
-            def body(carry, i):
-                dy, w = carry
-                w_prev = s.fetch_layer(stack, jnp.maximum(i - 1, 0))  # issued first
-                dw, dx = layer_vjp(w, _at(hs, i), c, dy)
-                return (dx, w_prev), tmap(lambda g: s.to_home(s.scatter(g)), dw)
-
-            (dx, _), grads = jax.lax.scan(body, (dy, w_last), jnp.arange(n), reverse=True)
-        else:
-            def body(dy, i):
-                dw, dx = layer_vjp(s.fetch_layer(stack, i), _at(hs, i), c, dy)
-                return dx, tmap(lambda g: s.to_home(s.scatter(g)), dw)
-
-            dx, grads = jax.lax.scan(body, dy, jnp.arange(n), reverse=True)
+        grads, dx = _stack_backward(s, layer_vjp, stack, hs, w_last, rebuild(arrays), dy,
+                                    overlap)
         return grads, dx, [None] * len(arrays)
 
     @jax.custom_vjp
@@ -295,6 +263,47 @@ def streamed_stack(s: Streamer, block, stack, x, ctx, overlap: str = "prefetch")
 
     run.defvjp(run_fwd, backward)
     return run(stack, x, arrays)
+
+
+def _stack_backward(s: Streamer, layer_vjp, stack, hs, w_last, c, dy, overlap: str):
+    """The backward loop of :func:`streamed_stack`, layer ``n - 1`` down to 0: (the stack's
+    gradient in host memory, the input's cotangent)."""
+    n = jax.tree_util.tree_leaves(stack)[0].shape[0]
+    tmap = jax.tree_util.tree_map
+    if overlap == "prefetch_writeback":
+        # gradient buffer in host memory, written one iteration behind the compute
+        home = tmap(lambda v: jax.device_put(jnp.zeros(v.shape, v.dtype), s._sh(
+            stacked_spec(v.shape, s.n), s.host_kind)), stack)
+
+        def body(j, carry):
+            i = n - 1 - j
+            dy, w, pending, home = carry
+            w_prev = s.fetch_layer(stack, jnp.maximum(i - 1, 0))  # issued first
+            # layer i + 1's gradient leaves now (j = 0 writes zeros that j = 1 overwrites)
+            home = tmap(lambda b, g: _put(b, s.to_home(g), jnp.minimum(i + 1, n - 1)),
+                        home, pending)
+            dw, dx = layer_vjp(w, _at(hs, i), c, dy)
+            return dx, w_prev, tmap(s.scatter, dw), home
+
+        pending = tmap(lambda v: s.scatter(jnp.zeros(v.shape[1:], v.dtype)), stack)
+        dx, _, pending, home = jax.lax.fori_loop(0, n, body, (dy, w_last, pending, home))
+        return tmap(lambda b, g: _put(b, s.to_home(g), 0), home, pending), dx
+    if overlap == "prefetch":
+        def body(carry, i):
+            dy, w = carry
+            w_prev = s.fetch_layer(stack, jnp.maximum(i - 1, 0))  # issued first
+            dw, dx = layer_vjp(w, _at(hs, i), c, dy)
+            return (dx, w_prev), tmap(lambda g: s.to_home(s.scatter(g)), dw)
+
+        (dx, _), grads = jax.lax.scan(body, (dy, w_last), jnp.arange(n), reverse=True)
+        return grads, dx
+
+    def body(dy, i):
+        dw, dx = layer_vjp(s.fetch_layer(stack, i), _at(hs, i), c, dy)
+        return dx, tmap(lambda g: s.to_home(s.scatter(g)), dw)
+
+    dx, grads = jax.lax.scan(body, dy, jnp.arange(n), reverse=True)
+    return grads, dx
 
 
 def _block_fn(model_cfg):
