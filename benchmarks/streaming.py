@@ -156,7 +156,7 @@ def main():
     ap.add_argument("--batches", default="8", help="global batches (a sweep: 8,16,32,64)")
     ap.add_argument("--batch_size", type=int, default=None, help="one global batch (old name)")
     ap.add_argument("--depths", default="4,8,16,32")
-    ap.add_argument("--variants", default="standard,prefetch_writeback/device",
+    ap.add_argument("--variants", default="standard,prefetch/device",
                     help="standard and/or OVERLAP/UPDATE (mesh.stream_overlap/stream_update), "
                          "comma-separated; the standard rows are the reference")
     ap.add_argument("--fake_devices", type=int, default=8, help="0: the machine's devices")

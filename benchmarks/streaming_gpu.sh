@@ -11,7 +11,7 @@
 #
 # Part 1, memory flat in depth: bench width, seq 512, batch 8, 4/16/32 layers, the standard
 #   layout and the default streaming options (bar: device memory 4 -> 16 layers <= 1.5x).
-# Part 2, the sweep at 32 layers: global batch 8, 16, 32; the standard layout; streaming without
+# Part 2, the sweep at 32 layers: global batch 8, 32, 16; the standard layout; streaming without
 #   overlap, with prefetch, with prefetch and gradient write-behind (device update), and with
 #   write-behind and the update on the host CPU. Goals: streamed / standard <= 2.0 at batch 8
 #   and <= 1.3 at batch 32, step within 1.2x of the printed bound; the break-even batch line;
@@ -35,13 +35,13 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   COMMON=(--preset=bench --seq_len=512 --fake_devices=0 --steps=3 --probe_mib=1024
           --budget_mib=81920)
-  DEPTHS=4,16,32; SWEEP_DEPTH=32; BATCHES=8,16,32
+  DEPTHS=4,16,32; SWEEP_DEPTH=32; BATCHES=8,32,16  # the goals' batches first
 fi
 rc=0
 PWB=prefetch_writeback
 echo "== part 1: memory against depth (batch 8)"
 timeout "${STREAMING_PART1_TIMEOUT:-150}" "$PY" benchmarks/streaming.py "${COMMON[@]}" \
-  --depths="$DEPTHS" --batches=8 --variants=standard,prefetch_writeback/device || rc=$?
+  --depths="$DEPTHS" --batches=8 --variants=standard,prefetch/device || rc=$?
 echo "== part 2: batch sweep at $SWEEP_DEPTH layers"
 timeout "${STREAMING_PART2_TIMEOUT:-390}" "$PY" benchmarks/streaming.py "${COMMON[@]}" \
   --depths="$SWEEP_DEPTH" --batches="$BATCHES" --hlo \

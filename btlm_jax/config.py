@@ -159,7 +159,7 @@ def default_config() -> ml_collections.ConfigDict:
     ms.layout = "standard"  # standard | weight_streaming
     # weight streaming (btlm_jax/parallel/streaming.py): how the layer moves overlap the compute
     # (none | prefetch | prefetch_writeback) and where the optimizer update runs (device | host)
-    ms.stream_overlap = "prefetch_writeback"
+    ms.stream_overlap = "prefetch"
     ms.stream_update = "device"
     ms.dcn_data = 0  # data-axis size across slices/nodes (0 = auto: TPU slices, else 1)
     ms.rules = DEFAULT_MESH_RULES  # see btlm_jax/parallel/sharding.py

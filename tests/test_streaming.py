@@ -34,7 +34,7 @@ VARIANTS = [
     ("standard", "standard", "none", "device", 1),
     ("ws_none_2", "weight_streaming", "none", "device", 2),
     ("ws_prefetch_writeback_2", "weight_streaming", "prefetch_writeback", "device", 2),
-    ("ws_host_1", "weight_streaming", "prefetch_writeback", "host", 1),
+    ("ws_host_1", "weight_streaming", "prefetch", "host", 1),
 ]
 N_STEPS = 2
 
@@ -172,7 +172,7 @@ def _worker_memory(out_json):
     """AOT memory of the streamed train step at 4 and 16 layers (8 fake devices), at the
     ``bench`` preset's width (d_model 1024), where the stacks that grow with depth are large
     enough to show (at ``tiny`` width fixed costs hide them). Default streaming options
-    (double-buffered, gradient write-behind, device update)."""
+    (double-buffered, device update)."""
     import jax
 
     from btlm_jax.train import aot
@@ -403,33 +403,37 @@ def test_streamed_steps_equal_standard_and_overlap_changes_no_number(steps):
 
 @pytest.mark.slow
 def test_streamed_overlap_in_compiled_data_flow(steps):
-    """The compiled program (XLA:CPU, 4 devices, 2 micro-batches), read as data flow: without
-    overlap every matmul of a layer-loop iteration is fed by weights read from the host stack in
-    that same iteration; with ``prefetch_writeback`` none is: the forward and backward loops read
-    the next layer (one slice per parameter leaf, carried out, issued before the iteration's
-    first matmul in the schedule) and compute on the slices carried in, and the backward's
-    gradient writes into the host buffer depend on no matmul of the iteration (the previous
-    layer's gradient leaves under this layer's compute)."""
+    """The compiled program (XLA:CPU, 4 devices), read as data flow: without overlap every
+    matmul of a layer-loop iteration is fed by weights read from the host stack in that same
+    iteration; with ``prefetch`` (1 micro-batch) and ``prefetch_writeback`` (2) none is: the
+    forward and backward loops read the next layer (one slice per parameter leaf, carried out,
+    issued before the iteration's first matmul in the schedule) and compute on the slices
+    carried in; with ``prefetch_writeback`` the backward's gradient writes into the host buffer
+    depend on no matmul of the iteration (the previous layer's gradient leaves under this
+    layer's compute), with ``prefetch`` every one does."""
     leaves = 18  # per layer: ln_1, ln_2 (scale, bias), q, k, v, out, wi_0, wi_1, wo (kernel, bias)
 
-    def split(flow):  # forward loops have the fewest matmuls
-        assert len(flow) == 4, flow  # forward and backward, per micro-batch
+    def split(flow, micro):  # forward loops have the fewest matmuls
+        assert len(flow) == 2 * micro, flow  # forward and backward, per micro-batch
         few = min(f["dots"] for f in flow)
         return [f for f in flow if f["dots"] == few], [f for f in flow if f["dots"] > few]
 
     for loop in steps["ws_none_2"]["flow"]:
         assert loop["prefetched"] == 0 and loop["dots_on_read"] == loop["dots"] > 0, loop
-    fwd, bwd = split(steps["ws_prefetch_writeback_2"]["flow"])
-    assert len(fwd) == len(bwd) == 2
-    for f in fwd:
-        assert f["dots_on_read"] == 0 and f["prefetched"] == leaves, f
-        assert f["reads_before_first_dot"] == f["reads"] == leaves, f
-    for b in bwd:  # the backward never reads wo's bias: no gradient needs its value
-        assert b["dots_on_read"] == 0 and b["prefetched"] == b["reads"] >= leaves - 1, b
-        assert b["reads_before_first_dot"] == b["reads"], b
-        assert b["dus_without_dot"] == leaves and b["dus_with_dot"] == 0, b
-    _, bwd_none = split(steps["ws_none_2"]["flow"])
+    _, bwd_none = split(steps["ws_none_2"]["flow"], 2)
     assert all(b["dus_with_dot"] == leaves for b in bwd_none), bwd_none
+    for name, micro, writes_behind in (("ws_prefetch_writeback_2", 2, True),
+                                       ("ws_host_1", 1, False)):
+        fwd, bwd = split(steps[name]["flow"], micro)
+        assert len(fwd) == len(bwd) == micro
+        for f in fwd:
+            assert f["dots_on_read"] == 0 and f["prefetched"] == leaves, (name, f)
+            assert f["reads_before_first_dot"] == f["reads"] == leaves, (name, f)
+        for b in bwd:  # the backward never reads wo's bias: no gradient needs its value
+            assert b["dots_on_read"] == 0 and b["prefetched"] == b["reads"] >= leaves - 1, b
+            assert b["reads_before_first_dot"] == b["reads"], (name, b)
+            assert b["dus_without_dot" if writes_behind else "dus_with_dot"] == leaves, b
+            assert b["dus_with_dot" if writes_behind else "dus_without_dot"] == 0, b
 
 
 @pytest.mark.slow
@@ -449,7 +453,7 @@ def test_transfer_bytes_from_shapes(steps):
         "ws_prefetch_writeback_2": (k * (R + 2 * L + one) + (k - 1) * 2 * (R + L)
                                     + 3 * (R + L) + S,
                                     k * (R + L + one) + (k - 1) * (R + L) + (R + L) + S),
-        "ws_host_1": (R + 2 * L + one, R + L + one),
+        "ws_host_1": (R + 2 * L + one, R + L),
     }
     for name, (h2d, d2h) in expect.items():
         got = steps[name]["bytes"]

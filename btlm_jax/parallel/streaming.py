@@ -15,14 +15,16 @@ optimizer update runs off the wafer; the batch is split data-parallel over the s
   backward moves each layer in again, recomputes the block, and reduce-scatters the layer's
   gradient back to host memory (the block is always rematerialised, whatever ``model.remat``
   says, so device memory holds O(1) layers of weights);
-- **overlap** (``mesh.stream_overlap``): with ``prefetch`` the loops are double-buffered: the
-  iteration that computes layer ``i`` also issues the move of layer ``i + 1`` (forward; ``i - 1``
-  in the backward), carried to the next iteration, so the copy depends on nothing the compute
-  produces and XLA's asynchronous host-to-device copies can run under the compute. The forward's
-  last prefetch is the backward's first layer (kept on the device across the head). With
-  ``prefetch_writeback`` the backward also sends layer ``i``'s gradient to the host one
-  iteration later, under layer ``i - 1``'s compute. ``none`` moves each layer inside the
-  iteration that uses it. All three compute the same numbers (bit-equal; tested);
+- **overlap** (``mesh.stream_overlap``): with ``prefetch`` (default) the loops are
+  double-buffered: the iteration that computes layer ``i`` also issues the move of layer
+  ``i + 1`` (forward; ``i - 1`` in the backward), carried to the next iteration, so the copy
+  depends on nothing the compute produces and XLA's asynchronous host-to-device copies can run
+  under the compute. The forward's last prefetch is the backward's first layer (kept on the
+  device across the head). With ``prefetch_writeback`` the backward also sends layer ``i``'s
+  gradient to the host one iteration later, under layer ``i - 1``'s compute (into a host buffer
+  XLA must place in host memory: not yet compiled on a GPU, hence not the default). ``none``
+  moves each layer inside the iteration that uses it. All three compute the same numbers
+  (bit-equal; tested);
 - the optimizer update streams too (``mesh.stream_update``, :mod:`btlm_jax.optim.streamed`):
   ``device`` runs the configured optax transform one layer at a time on device copies (the
   global gradient norm first; double-buffered like the layers when overlap is on); ``host`` runs
@@ -357,7 +359,7 @@ def _compiler_options(mesh: Mesh) -> dict | None:
 
 def options(cfg) -> tuple[str, str]:
     """(``mesh.stream_overlap``, ``mesh.stream_update``), validated."""
-    overlap = str(cfg.mesh.get("stream_overlap", "prefetch_writeback"))
+    overlap = str(cfg.mesh.get("stream_overlap", "prefetch"))
     update = str(cfg.mesh.get("stream_update", "device"))
     if overlap not in OVERLAPS:
         raise ShardingError(f"mesh.stream_overlap={overlap!r}: must be one of "
