@@ -469,7 +469,7 @@ def test_streamed_memory_flat_in_depth_and_host_state_sharded(tmp_path):
     state in host memory. (Before the per-layer move was fenced off from the stack, XLA:CPU
     relaid out each whole parameter stack for the all-gather: 1.66x; without copy-insertion
     region analysis the double-buffered optimizer loop copies each stack per iteration:
-    1.87x.)"""
+    1.54x.)"""
     out = tmp_path / "memory.json"
     _spawn("memory", out, devices=8)
     res = json.loads(out.read_text())
