@@ -434,12 +434,15 @@ def transfer_bytes(cfg, tx, abstract_state, n_devices: int) -> dict:
     it stays replicated); ``state``: likewise for the parameter-shaped optimizer state leaves
     (AdamW's two moments); gradients have the parameters' shapes and dtypes. Per micro-batch
     (``k = train.grad_accum_steps``): the forward moves ``rest`` and the stack in, the backward
-    the stack again (plus one layer that the double-buffered backward prefetches twice) and sends
-    ``rest`` and the stack's gradients out (plus one layer of zeros with
-    ``prefetch_writeback``). Each of the ``k - 1`` accumulation passes moves two gradients in and
-    one out. The ``device`` update moves the gradients in for the global norm, then parameters,
-    state and gradients in and parameters and state out; the ``host`` update moves nothing.
-    Scalars (counts, schedule state, the loss) are left out.
+    the stack again and sends ``rest`` and the stack's gradients out. Double-buffered, one layer
+    more comes in (the forward's last iteration fetches the backward's first layer, kept on the
+    device; the backward's last iteration fetches a layer it does not use) and, with
+    ``prefetch_writeback``, one layer of zeros more goes out (the first delayed write). Each of
+    the ``k - 1`` accumulation passes moves two gradients in and one out. The ``device`` update
+    moves the gradients in for the global norm, then parameters, state and gradients in and
+    parameters and state out; the ``host`` update moves nothing. Scalars (counts, schedule
+    state, the loss) are left out, and so is anything XLA finds it need not move (the backward
+    never reads the output projection's bias: no gradient depends on it).
     """
     overlap, update = options(cfg)
     k = int(cfg.train.grad_accum_steps)
