@@ -442,7 +442,7 @@ def transfer_bytes(cfg, tx, abstract_state, n_devices: int) -> dict:
     moves the gradients in for the global norm, then parameters, state and gradients in and
     parameters and state out; the ``host`` update moves nothing. Scalars (counts, schedule
     state, the loss) are left out, and so is anything XLA finds it need not move (the backward
-    never reads the output projection's bias: no gradient depends on it).
+    never reads the MLP output projection's bias, ``wo``: no gradient depends on its value).
     """
     overlap, update = options(cfg)
     k = int(cfg.train.grad_accum_steps)
