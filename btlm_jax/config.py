@@ -187,6 +187,10 @@ def default_config() -> ml_collections.ConfigDict:
     ms.fsdp = 1
     ms.tensor = 1
     ms.layout = "standard"  # standard | weight_streaming
+    # weight streaming (btlm_jax/parallel/streaming.py): how the layer moves overlap the compute
+    # (none | prefetch | prefetch_writeback) and where the optimizer update runs (device | host)
+    ms.stream_overlap = "prefetch"
+    ms.stream_update = "device"
     ms.dcn_data = 0  # data-axis size across slices/nodes (0 = auto: TPU slices, else 1)
     ms.rules = DEFAULT_MESH_RULES  # see btlm_jax/parallel/sharding.py
 
@@ -214,6 +218,8 @@ _CHOICES = {
     "data.on_error": ("raise", "skip"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "mesh.layout": ("standard", "weight_streaming"),
+    "mesh.stream_overlap": ("none", "prefetch", "prefetch_writeback"),
+    "mesh.stream_update": ("device", "host"),
     "logging.wandb_mode": ("auto", "online", "offline"),
 }
 

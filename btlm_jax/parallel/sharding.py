@@ -86,6 +86,9 @@ class Placement:
     # layer by layer (None: the train step's own update and tree sum)
     update_fn: Callable | None = None
     add_fn: Callable | None = None
+    # XLA options the train step is compiled with (weight streaming: copy insertion that sees
+    # a layer loop read slice i + 1 and write slice i of one stack in place; None: defaults)
+    compiler_options: dict | None = None
 
 
 def optimizer_shardings(tx, abstract_opt_state, param_shardings, replicated):

@@ -117,7 +117,8 @@ class Program:
     def jit_train_step(self):
         return jax.jit(self.train_step_fn(),
                        in_shardings=(self.state_shardings, self.batch_sharding),
-                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,),
+                       compiler_options=self.place.compiler_options)
 
     @contextlib.contextmanager
     def tracing(self):
@@ -155,7 +156,8 @@ class Program:
 
             self._eval_steps[key] = self.under_rules(jax.jit(
                 fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                out_shardings=(self.state_shardings, None), donate_argnums=(0,)))
+                out_shardings=(self.state_shardings, None), donate_argnums=(0,),
+                compiler_options=self.place.compiler_options))
         return self._eval_steps[key]
 
     def compile_train_step(self, seq_len: int, batch_size: int):
