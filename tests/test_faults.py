@@ -243,7 +243,9 @@ def test_corrupt_and_different_model_are_told_apart(trained, cache_dir, tmp_path
     step, _, _ = ck.restore_latest(program.abstract_state)
     assert step == 2
     assert "skipping checkpoint step 4" in capsys.readouterr().out
-    other = small(cache_dir, **{"model.d_ff": 96})
+    # d_ff 192 is 256 wide physically under model.pad_multiple=128 (96 would pad to the same
+    # 128 as the trained 128: equal shapes, told apart by the run's config.json instead)
+    other = small(cache_dir, **{"model.d_ff": 192})
     with pytest.raises(CheckpointMismatchError, match="different model.*shapes differ"):
         ck.restore_latest(Program.from_config(other).abstract_state)
     ck.close()
