@@ -1,4 +1,5 @@
-"""Meshes and layouts: the same tiny run gives the same losses on every mesh and in both layouts.
+"""Meshes: the same tiny run gives the same losses on every mesh (the weight-streaming layout
+against the standard one, with and without accumulation: ``tests/test_streaming.py``).
 
 The runs need 8 (fake) CPU devices, so they happen in a subprocess started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (this file doubles as that worker script:
@@ -122,28 +123,9 @@ def _worker_meshes(out_json, cache_dir, root, layout="standard"):
     Path(out_json).write_text(json.dumps(res))
 
 
-def _worker_layouts(out_json, cache_dir, root):
-    """Standard vs weight streaming, on 8 devices, with and without gradient accumulation."""
-    import jax
-
-    res = {}
-    for layout in ("standard", "weight_streaming"):
-        for accum in (1, 2):
-            over = tiny_overrides(cache_dir, **{"mesh.layout": layout, "mesh.data": 8,
-                                                "train.batch_size": 16,
-                                                "train.grad_accum_steps": accum})
-            wd = Path(root) / f"{layout}_{accum}"
-            res[f"{layout}_{accum}"], state = drive(*build(make_config(over), wd), 4)
-            if accum == 1:
-                res[f"{layout}_memory_kinds"] = sorted(
-                    {str(x.sharding.memory_kind) for x in jax.tree_util.tree_leaves(
-                        (state.params, state.opt_state))})
-    Path(out_json).write_text(json.dumps(res))
-
-
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
-    {"meshes": _worker_meshes, "layouts": _worker_layouts}[mode](*rest)
+    {"meshes": _worker_meshes}[mode](*rest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +141,7 @@ def cache_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_same_losses_on_every_mesh(cache_dir, tmp_path):
     out = tmp_path / "meshes.json"
     spawn_worker("meshes", out, cache_dir, tmp_path)
@@ -168,18 +151,6 @@ def test_same_losses_on_every_mesh(cache_dir, tmp_path):
     assert ref["loss"][-1] < ref["loss"][0]  # it trains
     for mesh in MESHES[1:]:
         assert_close(ref, res[str(mesh)], f"mesh {mesh} vs 1 device")
-
-
-def test_weight_streaming_equals_standard(cache_dir, tmp_path):
-    out = tmp_path / "layouts.json"
-    spawn_worker("layouts", out, cache_dir, tmp_path)
-    res = json.loads(out.read_text())
-    assert res["weight_streaming_memory_kinds"] == ["pinned_host"]
-    assert res["standard_memory_kinds"] == ["device"]
-    for accum in (1, 2):
-        assert_close(res[f"standard_{accum}"], res[f"weight_streaming_{accum}"],
-                     f"weight streaming vs standard, grad_accum_steps={accum}")
-    assert_close(res["standard_1"], res["standard_2"], "grad accumulation", rtol=1e-4)
 
 
 def test_sharding_check_names_the_parameter():

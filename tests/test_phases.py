@@ -64,6 +64,7 @@ def reference(cache_dir, tmp_path_factory):
     return wd, lrs
 
 
+@pytest.mark.slow
 def test_phase_change_mid_run(reference):
     wd, lrs = reference
     rec = _records(wd)

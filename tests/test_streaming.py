@@ -32,6 +32,8 @@ STEP_OVERRIDES = {
 # (name, layout, stream_overlap, stream_update, grad_accum_steps) of the compiled-step variants
 VARIANTS = [
     ("standard", "standard", "none", "device", 1),
+    ("standard_2", "standard", "none", "device", 2),  # the standard layout's accumulation
+    ("ws_prefetch_1", "weight_streaming", "prefetch", "device", 1),  # the default options
     ("ws_none_2", "weight_streaming", "none", "device", 2),
     ("ws_prefetch_writeback_2", "weight_streaming", "prefetch_writeback", "device", 2),
     ("ws_host_1", "weight_streaming", "prefetch", "host", 1),
@@ -330,6 +332,7 @@ def steps(streamed):
     return streamed["steps"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,prefetch", [("adamw", False), ("adamw_ema", True)])
 def test_streamed_update_equals_optax(name, prefetch):
     """The layer-by-layer update (clip factor from the global norm, then the configured tx per
@@ -385,9 +388,10 @@ def test_streamed_update_equals_optax(name, prefetch):
 
 @pytest.mark.slow
 def test_streamed_steps_equal_standard_and_overlap_changes_no_number(steps):
-    """4 devices, muP groups (width multiplier 2), weight decay, clipping active every step, 2
-    micro-batches (the host update: 1): every weight-streaming variant's losses, gradient and
-    parameter norms equal the standard layout's (float32, other reduction orders); without
+    """4 devices, muP groups (width multiplier 2), weight decay, clipping active every step, 1 or
+    2 micro-batches: the standard layout with 2 micro-batches and every weight-streaming variant
+    (the default options among them) give the losses, gradient and parameter norms of the
+    standard layout with one (float32, other reduction orders); without
     overlap and with ``prefetch_writeback`` they are bit-equal (the same compute, only the
     moves issued earlier)."""
     ref = steps["standard"]
