@@ -15,3 +15,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(tempfile.gettempdir()) / f"btlm_jax_tests_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The suite's programs are small: XLA:CPU's compile time, not their run time, dominates, and
+# LLVM's optimisation level 0 compiles them about a third faster (the HLO passes, buffer
+# assignment and memory analysis are the same). Subprocesses get it through tests/helpers.py's
+# xla_flags(); set XLA_FLAGS yourself to test at the default level.
+if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = "--xla_backend_optimization_level=0"

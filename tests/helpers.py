@@ -38,6 +38,17 @@ def small(cache_dir, *, d_model=64, n_layers=2, n_heads=2, d_ff=128, seq_len=64,
     return set_keys(c, over)
 
 
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a subprocess on ``devices`` fake CPU devices, keeping this process's
+    other XLA flags (conftest.py sets the suite's)."""
+    import os
+    import re
+
+    rest = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                  os.environ.get("XLA_FLAGS", "")).strip()
+    return f"--xla_force_host_platform_device_count={devices} {rest}".strip()
+
+
 def spawn_script(script, *args, devices: int = 8, timeout: int = 600):
     """Runs ``python SCRIPT ARGS`` (a test module doubling as its worker) on ``devices`` fake CPU
     devices; asserts it succeeded and returns the completed process."""
@@ -48,7 +59,7 @@ def spawn_script(script, *args, devices: int = 8, timeout: int = 600):
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+               XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

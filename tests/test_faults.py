@@ -23,6 +23,7 @@ import pytest
 from btlm_jax import errors
 from btlm_jax.train.loop import train
 from tests import helpers
+from tests.helpers import xla_flags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -447,7 +448,7 @@ def test_user_errors_are_one_line(cache_dir, tmp_path, over, needles):
 def test_batch_not_divisible_by_devices_is_one_line(cache_dir, tmp_path):
     r = module("btlm_jax.main", f"--workdir={tmp_path / 'run'}",
                *cli_overrides(cache_dir, **{"train.batch_size": 6}),
-               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+               env={"XLA_FLAGS": xla_flags(8)})
     _one_error(r, "train.batch_size", "8")
 
 

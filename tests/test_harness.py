@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from btlm_jax.config import default_config  # noqa: E402
 from btlm_jax.models.btlm import BTLM  # noqa: E402
+from tests.helpers import xla_flags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 L = 48  # the model's length: some contexts below are longer and get left-truncated
@@ -512,7 +513,7 @@ def _mesh_worker():
 def test_batches_split_over_a_multi_device_mesh(tmp_path):
     import subprocess
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, __file__, "mesh_worker"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_parallel import make_config, tiny_overrides  # noqa: E402
+from tests import helpers  # noqa: E402
 
 STEPS, EVERY, BATCH, SEQ = 30, 5, 8, 32
 # The same mesh and program resumed: bitwise the same computation. Another process count: the
@@ -62,7 +63,7 @@ def _cli(over):
 
 def _env(devices, **extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHON=sys.executable, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=helpers.xla_flags(devices))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -159,7 +159,9 @@ def test_float32_training_equals_unpadded_and_padding_stays_zero(layout, over):
     assert nonzero_padding(state.opt_state, m) == []
     # and the logical parameters equal the unpadded run's
     for k, x in leaves(to_logical(state.params, m)).items():
-        np.testing.assert_allclose(x, leaves(plain.params)[k], rtol=1e-4, atol=1e-5, err_msg=k)
+        # atol 5e-5 (the lr is 1e-2): Adam divides by sqrt(nu), so an embedding row whose
+        # gradient is rounding noise (a token barely seen) moves by a noise-driven part of the lr
+        np.testing.assert_allclose(x, leaves(plain.params)[k], rtol=1e-4, atol=5e-5, err_msg=k)
 
 
 # ---------------------------------------------------------------------------- HLO alignment

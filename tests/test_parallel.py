@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from tests.helpers import xla_flags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,7 +187,7 @@ print('VOCAB', check(c, (1, 2, 4)).replace(chr(10), ' | '))
 c.model.pad_multiple = 128  # the default: 50257 -> 50304 splits over 4 (and 128) devices
 print('PADDED', check(c, (1, 2, 4)).replace(chr(10), ' | '))
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "btlm_jax"
 
@@ -85,7 +87,7 @@ print("JSON" + json.dumps(out))
 
 
 def _spawn_python(code: str, devices: int = 8, timeout: int = 300, env_extra=None):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **(env_extra or {}))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
