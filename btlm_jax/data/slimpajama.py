@@ -461,7 +461,6 @@ class Corpus:
     Attributes:
       source_names: sorted source names found in the data.
       doc_source: int32 [num_docs] source id of each document.
-      doc_bytes: int64 [num_docs] size of each document's record in bytes.
       skipped: number of bad records skipped (``on_error=skip``); ``errors`` lists them.
     """
 
@@ -488,7 +487,6 @@ class Corpus:
         self.doc_end = np.concatenate([fi.ends for fi in indices] + [np.zeros(0, np.int64)])
         self.doc_block = np.concatenate([fi.blocks for fi in indices] + [np.zeros(0, np.int32)])
         self.doc_source = np.asarray([lookup[s] for fi in indices for s in fi.sources], np.int32)
-        self.doc_bytes = self.doc_end - self.doc_start
         if len(self) == 0:
             raise DataError(f"{key}={spec!r}: the files contain no documents")
         self._fds: dict[int, int] = {}
@@ -518,10 +516,6 @@ class Corpus:
 
     def docs_of_source(self, source: str) -> np.ndarray:
         return np.flatnonzero(self.doc_source == self.source_names.index(source))
-
-    def source_bytes(self) -> dict[str, int]:
-        return {n: int(self.doc_bytes[self.doc_source == i].sum())
-                for i, n in enumerate(self.source_names)}
 
     def _fd(self, path: str, i: int) -> int:
         fd = self._fds.get(i)
