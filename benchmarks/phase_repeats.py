@@ -123,7 +123,6 @@ def main(argv=None):
     never = sum(int(np.count_nonzero(v[1:] == 0)) for v in seen.values())
     print(f"never read: {100 * never / total:.1f}% of the corpus "
           f"({sum(rows_total):,} tokens read for {total:,} in the corpus)")
-    data.close()
 
 
 if __name__ == "__main__":

@@ -78,7 +78,6 @@ def test_concat_rows_are_windows_of_the_stream_once_per_epoch(tmp_path):
         for r in range(B):
             np.testing.assert_array_equal(b["inputs"][r][1:], b["targets"][r][:-1])
             seen.append(windows[tuple(b["inputs"][r]) + (b["targets"][r][-1],)])
-    data.close()
     e1, e2 = seen[:R], seen[R:2 * R]
     assert sorted(e1) == list(range(R)) and sorted(e2) == list(range(R))  # each row once
     assert e1 != e2 and e1 != sorted(e1)  # shuffled, reshuffled each epoch
@@ -124,7 +123,6 @@ def test_document_packing_segments_and_every_document_once(tmp_path):
     seen = [keys[_row_key(b, r)] for step in range(R // B)
             for b in [data.local_batch(step)] for r in range(B)]
     assert len(set(seen)) == len(seen) == R // B * B
-    data.close()
 
 
 def _brute_force_interleave(weights, n):
@@ -167,7 +165,6 @@ def test_mixture_proportions_every_step(tmp_path, packing):
         for row, s in zip(b["inputs"], b["source_ids"][:, 0]):
             text = bytes(int(t) for t in row if t < 256).decode(errors="replace")
             assert {c for c in "abc" if f"<{c}" in text} <= {"abc"[s]}
-    data.close()
 
 
 @pytest.mark.parametrize("packing,rollbacks", [("document", []), ("concat", [(5, 2, 1)])])
@@ -191,8 +188,6 @@ def test_global_batch_independent_of_process_count_across_phases(tmp_path, packi
             for k in pipeline.FIELDS:
                 np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), ref[k])
         np.testing.assert_array_equal(one.rows(step, 1, 3)["targets"], ref["targets"][1:3])
-    for d in [one] + many[2] + many[4]:
-        d.close()
 
 
 def test_random_access_resume_and_seed(tmp_path):
@@ -209,7 +204,6 @@ def test_random_access_resume_and_seed(tmp_path):
     cfg.seed = 1
     c = pipeline.StepData(cfg, BYTES)
     assert not np.array_equal(c.local_batch(0)["inputs"], seq[0]["inputs"])
-    a.close()
 
 
 def test_store_built_once_and_reused(tmp_path):
@@ -256,7 +250,6 @@ def test_natural_mixture_is_by_tokens(tmp_path):
     assert w == {s: pytest.approx(n / total, rel=1e-12) for s, n in tokens.items()}
     data = pipeline.StepData(cfg, BYTES)
     assert data.weights == w
-    data.close()
 
 
 def test_mixture_errors_and_natural(tmp_path):
@@ -397,7 +390,6 @@ def test_phases_read_each_token_at_most_once(tmp_path):
             mark[:] = 1 + (step >= 40)
     for i in seen:  # phase 2 lies past phase 1 only in shuffled unit order, not in the stream
         assert (seen[i] == 1).any() and (seen[i] == 2).any()
-    data.close()
 
 
 def test_document_phases_read_each_document_at_most_once(tmp_path):
@@ -423,7 +415,6 @@ def test_document_phases_read_each_document_at_most_once(tmp_path):
                         starts[text.split(">")[0]] += 1
     assert read < 0.75 * sum(len(d.encode()) + 1 for d in docs)
     assert len(starts) > 50 and max(starts.values()) == 1, starts.most_common(3)
-    data.close()
 
 
 def _simulate(phases, weights, rollbacks, per_unit):

@@ -60,7 +60,7 @@ from btlm_jax.data.slimpajama import DataError
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
+FIELDS = store_lib.FIELDS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,6 +485,3 @@ class StepData:
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the global batch of ``step``: ``dataset()[step]``."""
         return self._local[self._check_step(step)]
-
-    def close(self):
-        pass

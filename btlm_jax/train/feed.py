@@ -137,7 +137,6 @@ class TrainFeed:
 
     def close(self) -> None:
         self._close_reader()
-        self.data.close()
 
     def eval_batches(self, seq_len: int) -> list:
         if not hasattr(self, "_eval_cache"):
