@@ -193,10 +193,10 @@ def test_global_batch_independent_of_process_count_across_phases(tmp_path, packi
 def test_random_access_resume_and_seed(tmp_path):
     rng = random.Random(5)
     cfg = _cfg(tmp_path, _write(tmp_path, {"A": _docs(rng, 20, 0, 500, "a"),
-                                           "B": _docs(rng, 20, 0, 200, "b")}), prefetch=2)
-    a = pipeline.StepData(cfg, BYTES)
-    seq = [a.local_batch(s) for s in range(40)]  # sequential, with the background prefetch
-    cfg.data.prefetch = 0
+                                           "B": _docs(rng, 20, 0, 200, "b")}))
+    it = pipeline.StepData(cfg, BYTES).reader(0, prefetch=2)  # the feed's: Grain's threads
+    seq = [next(it) for _ in range(40)]
+    it.close()
     b = pipeline.StepData(cfg, BYTES)  # "resumed": a fresh object, steps in any order
     for s in [33, 7, 39, 0, 21]:
         for k in pipeline.FIELDS:
@@ -259,7 +259,7 @@ def test_mixture_errors_and_natural(tmp_path):
     with pytest.raises(DataError, match="Nope"):
         pipeline.StepData(cfg, BYTES)
     w = pipeline.mixture_weights(_cfg(tmp_path, train), BYTES)
-    assert w["B"] == pytest.approx(0.75, abs=0.01)  # natural: by size
+    assert w["B"] == pytest.approx(0.75, abs=0.01)  # natural: by tokens
     from btlm_jax.data.mixtures import parse_mixture
 
     with pytest.raises(DataError, match="SlimPajama-DC presets are not"):
