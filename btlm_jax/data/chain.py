@@ -1,8 +1,9 @@
 """The pieces of the input chain that are ours, as Grain datasets and selection maps: the mixture
 (:class:`SegmentMixture`; :class:`RoundRobin` for evaluation), the batching with one batched read
 per step (:class:`Batch`), the step-keyed, per-process assembly of the run's rows
-(:func:`step_batches`), and the iterator over Grain's prefetch threads and worker processes
-(:func:`worker_processes`).
+(:func:`step_batches`), the iterator over Grain's prefetch threads and worker processes
+(:func:`worker_processes`), and how the chain's cached pieces pickle into those processes
+(:class:`LocalCaches`).
 
 The mixture is :class:`btlm_jax.data.mixtures.Interleave` (Sainte-Lague, weights at 2^-30),
 plugged into Grain's own mixing dataset, ``grain.MapDataset.select_from_datasets``, as a
@@ -25,7 +26,23 @@ import grain
 import numpy as np
 
 
-class SegmentMixture(grain.transforms.DatasetSelectionMap):
+class LocalCaches:
+    """Pickles without its lock (``_lock``) and with its caches (the dicts named by ``_CACHES``)
+    empty: Grain's worker processes get a copy of the chain and rebuild both on demand."""
+
+    _CACHES: tuple[str, ...] = ()
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d.update({k: {} for k in self._CACHES}, _lock=None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+
+class SegmentMixture(LocalCaches, grain.transforms.DatasetSelectionMap):
     """Row ``h`` of a segment -> ``(source, element of the source's UnitRows)``: the
     interleave's ``(s, k)`` for row ``h``, at row ``first[s] + k`` of source ``s``'s rows in
     unit order (``first[s]``: the rows before the segment's start unit).
@@ -33,20 +50,13 @@ class SegmentMixture(grain.transforms.DatasetSelectionMap):
     The interleave is computed a block of ``block`` rows at a time (one step's global batch) and
     the newest blocks are kept, so reading a batch row by row costs one interleave per step."""
 
+    _CACHES = ("_blocks", "_ends")
+
     def __init__(self, interleave, first: Sequence[int], rows: int, block: int):
         self.interleave, self.first = interleave, tuple(int(x) for x in first)
         self.rows, self.block = int(rows), max(1, int(block))
         self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._ends: dict[int, list[int]] = {}
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        d["_blocks"], d["_ends"], d["_lock"] = {}, {}, None
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:

@@ -23,8 +23,10 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from btlm_jax.data.chain import LocalCaches
 
-class UnitOrder(grain.MapDataset):
+
+class UnitOrder(LocalCaches, grain.MapDataset):
     """The epoch order of ``n`` units (endless): element ``k`` is the unit at unit position
     ``k``, ``perm_e(k mod n)`` of epoch ``e = k // n``, a fresh permutation every epoch.
 
@@ -37,6 +39,7 @@ class UnitOrder(grain.MapDataset):
     a corpus a step reads a large part of. Both are pure functions of ``(seed, k)``."""
 
     DENSE_MAX = 1 << 22
+    _CACHES = ("_perms",)
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed = int(n), int(seed)
@@ -45,15 +48,6 @@ class UnitOrder(grain.MapDataset):
         super().__init__([] if self._grain is None else [self._grain])
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()  # Grain's prefetch threads and the loop may both read
-
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        d["_lock"], d["_perms"] = None, {}
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return sys.maxsize  # endless: epoch after epoch
@@ -108,27 +102,20 @@ class UnitOrder(grain.MapDataset):
             return [int(u) for u in self.units(indices)]
 
 
-class SourceUnits:
+class SourceUnits(LocalCaches):
     """One source's units in epoch order and where the rows of each phase lie in them.
 
     ``per_unit[phase]`` is an int (every unit holds that many rows of the phase's length: concat
     packing, or document packing with one row per unit) or an int64 array (document packing in
     units: the first row of each unit, then the row count)."""
 
+    _CACHES = ("_cum",)
+
     def __init__(self, name: str, n: int, seed: int):
         self.name, self.n, self.seed = name, int(n), int(seed)
         self.order = UnitOrder(self.n, self.seed)
         self.per_unit: dict[int, Any] = {}
         self._cum: dict[tuple[int, int], np.ndarray] = {}
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        d["_lock"], d["_cum"] = None, {}
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
         self._lock = threading.Lock()
 
     def _cumulative(self, phase: int, epoch: int) -> np.ndarray:
