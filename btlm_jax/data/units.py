@@ -74,8 +74,11 @@ class UnitOrder(LocalCaches, grain.MapDataset):
         return p
 
     def _entries(self, k: np.ndarray) -> np.ndarray:
-        g = self._grain
-        return np.asarray([g[int(x)] for x in k], np.int64) % self.n
+        """Grain's shuffle at unit positions ``k``, each distinct position computed once (the
+        ``C / L`` rows of a unit share one: a BTLM step at 2048 asks for each unit 4 times)."""
+        distinct, where = np.unique(k, return_inverse=True)
+        got = np.asarray(self._grain._getitems(distinct.tolist()), np.int64) % self.n
+        return got[where.reshape(-1)]
 
     def units(self, positions) -> np.ndarray:
         """The units at unit positions ``positions`` (int array)."""
