@@ -50,7 +50,7 @@ def main(argv):
         for s, b in got.items():
             for r in range(b["inputs"].shape[0]):
                 sid = int(b["source_ids"][r].max())
-                keep = b["loss_mask"][r] > 0
+                keep = b["source_ids"][r] >= 0  # not padding (a transform may mask the loss)
                 text = tok.decode([int(t) for t in b["inputs"][r][keep]])
                 print(f"--- step {s} row {r} ({names[sid] if sid >= 0 else 'padding'}, "
                       f"{int(keep.sum())} tokens) ---")
