@@ -378,3 +378,37 @@ def test_resume_continues_a_rollback_logged_after_the_checkpoint(tmp_path):
     JsonlSink(path, 40, rollbacks=1)
     assert [json.loads(ln) for ln in path.read_text().splitlines()] == \
         [{"step": 19}, {"step": 20}, {"step": 21}, {"step": 30, "rollback": 1}, {"step": 21}]
+
+
+def test_wandb_sink_sends_no_step_wandb_would_ignore(tmp_path, monkeypatch):
+    """W&B ignores (with a warning each) a record below the newest step it holds: after a
+    rollback from 6 to 2, and on a resumed W&B run, the sink leaves those out itself."""
+    import types
+
+    from btlm_jax.config import default_config
+    from btlm_jax.train.hooks import WandbSink
+
+    class Run:
+        def __init__(self, starting_step):
+            self.starting_step, self.steps = starting_step, []
+
+        def log(self, data, step):
+            self.steps.append(step)
+
+    runs = [Run(0), Run(9)]  # a new W&B run, then the same run resumed (its history: 1 .. 8)
+    made = iter(runs)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **k: next(made)))
+    cfg = default_config()
+    cfg.logging.wandb_mode = "offline"
+    sink = WandbSink(cfg, tmp_path)
+    for s in range(1, 7):
+        sink.write({"step": s, "loss": 1.0})
+    sink.rewind(2, 0)
+    sink.write({"step": 6, "loss": float("nan"), "rollback": 1, "restored_step": 2})
+    for s in range(3, 9):
+        sink.write({"step": s, "loss": 2.0})
+    assert runs[0].steps == [1, 2, 3, 4, 5, 6, 6, 6, 7, 8]
+    resumed = WandbSink(cfg, tmp_path)
+    for s in range(5, 11):
+        resumed.write({"step": s, "loss": 2.0})
+    assert runs[1].steps == [9, 10]
