@@ -4,8 +4,7 @@ A :class:`Hook` is a function of the loop's :class:`Context` run every ``every``
 last step when ``at_end``). The loop (:mod:`btlm_jax.train.loop`) runs the hooks after each step in
 the order they were registered: count the step's tokens, record its metrics, evaluate, check
 them, write them to the sinks, advance the progress bar, save a checkpoint, honour preemption. Add
-a hook with
-:meth:`Hooks.add` to run your own work at a period (e.g. a probe every 500 steps).
+a hook with :meth:`Hooks.add` to run your own work at a period (e.g. a probe every 500 steps).
 
 Sinks receive each logged record: :class:`JsonlSink` (``metrics.jsonl``), :class:`TensorBoardSink`
 and :class:`WandbSink` (``logging.wandb=True``). ``metrics.jsonl`` holds the run's current
