@@ -38,6 +38,22 @@ def small(cache_dir, *, d_model=64, n_layers=2, n_heads=2, d_ff=128, seq_len=64,
     return set_keys(c, over)
 
 
+def metrics(workdir) -> list[dict]:
+    """The records of ``RUN/metrics.jsonl``, in file order."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(ln) for ln in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    """The steps in ``RUN/checkpoints``, sorted ([] when there is none)."""
+    from pathlib import Path
+
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
 def xla_flags(devices: int) -> str:
     """``XLA_FLAGS`` for a subprocess on ``devices`` fake CPU devices, keeping this process's
     other XLA flags (conftest.py sets the suite's)."""

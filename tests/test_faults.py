@@ -23,7 +23,6 @@ import pytest
 from btlm_jax import errors
 from btlm_jax.train.loop import train
 from tests import helpers
-from tests.helpers import xla_flags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +46,8 @@ def cli_overrides(cache_dir, **over) -> list[str]:
     return [f"--config.{k}={v}" for k, v in base.items()]
 
 
-def metrics(workdir) -> list[dict]:
-    return [json.loads(ln) for ln in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def losses(workdir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics(workdir) if "diverged" not in r}
+    return {r["step"]: r["loss"] for r in helpers.metrics(workdir) if "diverged" not in r}
 
 
 def module(name, *args, env=None, timeout=300):
@@ -61,25 +56,6 @@ def module(name, *args, env=None, timeout=300):
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", name, *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def restore_params(workdir, step):
-    """The parameters of checkpoint ``step`` as NumPy arrays (read with Orbax, no model)."""
-    import orbax.checkpoint as ocp
-
-    mgr = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints",
-                                item_handlers={"state": ocp.StandardCheckpointHandler()},
-                                options=ocp.CheckpointManagerOptions(read_only=True))
-    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    mgr.close()
-    import jax
-
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(state["params"])]
-
-
-def ckpt_steps(workdir) -> list[int]:
-    d = Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +187,7 @@ def test_truncated_latest_checkpoint_falls_back_one_step(cache_dir, tmp_path, ca
     cfg = small(cache_dir, **{"train.steps": 9, "checkpoint.every_steps": 3})
     train(cfg, str(run))
     ref = losses(run)
-    assert ckpt_steps(run) == [3, 6, 9]
+    assert helpers.checkpoint_steps(run) == [3, 6, 9]
     files = [f for f in glob.glob(str(run / "checkpoints/9/state/**/d/*"), recursive=True)]
     big = max(files, key=os.path.getsize)
     os.truncate(big, os.path.getsize(big) // 2)
@@ -297,7 +273,7 @@ def test_second_run_on_a_busy_workdir_exits_at_once(cache_dir, tmp_path):
     assert len(lines) == 1 and f"in use by process {first.pid}" in lines[0], r.stderr
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
-    steps = [r["step"] for r in metrics(run)]
+    steps = [r["step"] for r in helpers.metrics(run)]
     assert steps == list(range(1, 31)), steps  # one line per step: nothing interleaved
     assert not (run / ".lock").exists()
 
@@ -448,7 +424,7 @@ def test_user_errors_are_one_line(cache_dir, tmp_path, over, needles):
 def test_batch_not_divisible_by_devices_is_one_line(cache_dir, tmp_path):
     r = module("btlm_jax.main", f"--workdir={tmp_path / 'run'}",
                *cli_overrides(cache_dir, **{"train.batch_size": 6}),
-               env={"XLA_FLAGS": xla_flags(8)})
+               env={"XLA_FLAGS": helpers.xla_flags(8)})
     _one_error(r, "train.batch_size", "8")
 
 

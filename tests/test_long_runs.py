@@ -47,15 +47,6 @@ def small(cache_dir, **over):
                          **{**base, **over})
 
 
-def records(workdir) -> list[dict]:
-    return [json.loads(ln) for ln in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def ckpt_steps(workdir) -> list[int]:
-    d = Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
-
-
 def restore_raw(workdir, step):
     """(params leaves, optimizer counts, step) of checkpoint ``step``, read with Orbax alone."""
     import jax
@@ -146,7 +137,7 @@ def rolled(cache_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_rollback_rewinds_step_schedule_and_optimizer(rolled):
     wd, _ = rolled
-    rec = records(wd)
+    rec = helpers.metrics(wd)
     regular = [r for r in rec if "rollback" not in r]
     rolls = [r for r in rec if "rollback" in r]
     # one record per step of the trained trajectory, and one of the rollback
@@ -164,7 +155,7 @@ def test_rollback_rewinds_step_schedule_and_optimizer(rolled):
         assert opt and all(v == pytest.approx(want, rel=1e-5, abs=1e-9) for v in opt), r
     assert regular[-1]["lr"] == 0.0 or regular[-1]["lr"] == pytest.approx(d2z(STEPS - 1))
     # no checkpoint holds the bad weights; each one's optimizer counts equal its step
-    kept = ckpt_steps(wd)
+    kept = helpers.checkpoint_steps(wd)
     assert kept[-1] == STEPS and not (wd / "checkpoints.diverged").exists()
     for s in kept:
         leaves, counts, step = restore_raw(wd, s)
@@ -188,7 +179,7 @@ def test_rollback_skips_the_data_and_counts_trained_tokens(rolled):
     for s in range(9, 14):  # nothing the discarded steps up to the spike trained on
         assert not {r.tobytes() for r in discarded[s]} & kept_rows, s
     # token counters: the tokens of the trained trajectory only, per source
-    last = [r for r in records(wd) if r["step"] == STEPS and "rollback" not in r][-1]
+    last = [r for r in helpers.metrics(wd) if r["step"] == STEPS and "rollback" not in r][-1]
     names = sorted(k[len("tokens/"):] for k in last if k.startswith("tokens/"))
     counted = {n: 0 for n in names}
     for _, src in final.values():
@@ -265,14 +256,14 @@ def test_resume_after_a_rollback_reproduces_the_run(rolled, cache_dir, tmp_path)
     src, _ = rolled
     wd = tmp_path / "run"
     shutil.copytree(src, wd)
-    assert 16 in ckpt_steps(wd)
+    assert 16 in helpers.checkpoint_steps(wd)
     for d in (wd / "checkpoints").iterdir():
         if d.name.isdigit() and int(d.name) > 16:
             shutil.rmtree(d)
     (wd / "rollbacks.json").unlink()  # the checkpoint's own log is enough
     out = train(rollback_cfg(cache_dir), str(wd))
     assert out["complete"]
-    ref, got = records(src), records(wd)
+    ref, got = helpers.metrics(src), helpers.metrics(wd)
     assert [r["step"] for r in got] == [r["step"] for r in ref]
     assert [r.get("rollback") for r in got] == [r.get("rollback") for r in ref]
     for a, b in zip(ref, got):
@@ -310,20 +301,20 @@ def test_stop_names_a_checkpoint_evaluate_scores_finite(cache_dir, tmp_path):
     with pytest.raises(DivergenceError) as e:
         train(cfg, str(run))
     msg = str(e.value)
-    bad = [r for r in records(run) if "diverged" in r]
+    bad = [r for r in helpers.metrics(run) if "diverged" in r]
     assert len(bad) == 1
     step = bad[0]["step"]
-    assert [r["step"] for r in records(run)].count(step) == 1
+    assert [r["step"] for r in helpers.metrics(run)].count(step) == 1
     assert f"diverged at step {step}" in msg and "on_divergence=rollback" in msg
     named = int(msg.split("newest good checkpoint is step ")[1].split()[0])
-    assert ckpt_steps(run) == [named] and named < step - 1
+    assert helpers.checkpoint_steps(run) == [named] and named < step - 1
     assert math.isfinite(_evaluate_loss(run, named))
     assert (run / "checkpoints.diverged" / str(step - 1)).is_dir()  # kept for inspection
     with pytest.raises(DivergenceError) as e2:
         train(cfg, str(run))
     assert f"diverged at step {step}" in str(e2.value)
     assert f"newest good checkpoint is step {named} " in str(e2.value)
-    assert ckpt_steps(run) == [named]
+    assert helpers.checkpoint_steps(run) == [named]
 
 
 @pytest.mark.slow
@@ -343,13 +334,13 @@ def test_rollback_gives_up_without_looping_on_bad_weights(cache_dir, tmp_path):
         train(cfg, str(run))
     msg = str(e.value)
     assert "on_divergence" not in msg and f"{MAX_ROLLBACKS} rollbacks in a row" in msg, msg
-    rec = records(run)
+    rec = helpers.metrics(run)
     rolls = [r for r in rec if "rollback" in r]
     assert [r["rollback"] for r in rolls] == list(range(1, MAX_ROLLBACKS + 1))
     assert len({r["restored_step"] for r in rolls}) == 1
     named = int(msg.split("newest good checkpoint is step ")[1].split()[0])
-    assert named == rolls[0]["restored_step"] == max(ckpt_steps(run))
-    for s in ckpt_steps(run):
+    assert named == rolls[0]["restored_step"] == max(helpers.checkpoint_steps(run))
+    for s in helpers.checkpoint_steps(run):
         leaves, counts, step = restore_raw(run, s)
         assert set(counts) == {s} and all(np.isfinite(a).all() for a in leaves)
 
@@ -378,3 +369,37 @@ def test_resume_continues_a_rollback_logged_after_the_checkpoint(tmp_path):
     JsonlSink(path, 40, rollbacks=1)
     assert [json.loads(ln) for ln in path.read_text().splitlines()] == \
         [{"step": 19}, {"step": 20}, {"step": 21}, {"step": 30, "rollback": 1}, {"step": 21}]
+
+
+def test_wandb_sink_sends_no_step_wandb_would_ignore(tmp_path, monkeypatch):
+    """W&B ignores (with a warning each) a record below the newest step it holds: after a
+    rollback from 6 to 2, and on a resumed W&B run, the sink leaves those out itself."""
+    import types
+
+    from btlm_jax.config import default_config
+    from btlm_jax.train.hooks import WandbSink
+
+    class Run:
+        def __init__(self, starting_step):
+            self.starting_step, self.steps = starting_step, []
+
+        def log(self, data, step):
+            self.steps.append(step)
+
+    runs = [Run(0), Run(9)]  # a new W&B run, then the same run resumed (its history: 1 .. 8)
+    made = iter(runs)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **k: next(made)))
+    cfg = default_config()
+    cfg.logging.wandb_mode = "offline"
+    sink = WandbSink(cfg, tmp_path)
+    for s in range(1, 7):
+        sink.write({"step": s, "loss": 1.0})
+    sink.rewind(2, 0)
+    sink.write({"step": 6, "loss": float("nan"), "rollback": 1, "restored_step": 2})
+    for s in range(3, 9):
+        sink.write({"step": s, "loss": 2.0})
+    assert runs[0].steps == [1, 2, 3, 4, 5, 6, 6, 6, 7, 8]
+    resumed = WandbSink(cfg, tmp_path)
+    for s in range(5, 11):
+        resumed.write({"step": s, "loss": 2.0})
+    assert runs[1].steps == [9, 10]

@@ -129,11 +129,6 @@ def _wait_for_step(workdir, step, procs, timeout=300):
         time.sleep(0.2)
 
 
-def _checkpoints(workdir) -> list[int]:
-    d = Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
-
-
 def _assert_same(ref, got, what, rtol, first=1):
     r = {x["step"]: x for x in ref}
     g = {x["step"]: x for x in got}
@@ -159,7 +154,7 @@ def reference(cache_dir, tmp_path_factory):
     assert "[p0] [btlm_jax] model:" in out.stdout and "'data': 8" in out.stdout, out.stdout[-2000:]
     rec = _records(wd)
     assert [r["step"] for r in rec] == list(range(1, STEPS + 1))
-    assert _checkpoints(wd) == list(range(EVERY, STEPS + 1, EVERY))
+    assert helpers.checkpoint_steps(wd) == list(range(EVERY, STEPS + 1, EVERY))
     return wd, rec
 
 
@@ -202,7 +197,8 @@ def test_sigterm_one_process_then_sigkill_job_then_resume(reference, cache_dir, 
     assert rcs == [75, 75], [_output(p) for p in procs]
     stopped = _records(wd)[-1]["step"]
     print(f"SIGTERM to process 1: both exited 75 after {time.time() - t0:.1f} s at step {stopped}")
-    assert stopped < STEPS and _checkpoints(wd)[-1] == stopped, (stopped, _checkpoints(wd))
+    kept = helpers.checkpoint_steps(wd)
+    assert stopped < STEPS and kept[-1] == stopped, (stopped, kept)
     for p in procs:
         assert f"saved a checkpoint at step {stopped}" in _output(p), _output(p)
     # 2. Rerun, then SIGKILL the whole job after the next periodic checkpoint.
@@ -212,7 +208,7 @@ def test_sigterm_one_process_then_sigkill_job_then_resume(reference, cache_dir, 
     for p in procs:
         p.send_signal(signal.SIGKILL)
     _wait(procs, timeout=60)
-    assert _checkpoints(wd)[-1] >= kill_after - 2
+    assert helpers.checkpoint_steps(wd)[-1] >= kill_after - 2
     # 3. Rerun to the end: every logged step equals the uninterrupted run.
     rcs = _wait(_start(wd, over))
     assert rcs == [0, 0]

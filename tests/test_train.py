@@ -26,10 +26,6 @@ def overrides(cfg_over):
     return [f"--config.{k}={v}" for k, v in cfg_over.items()]
 
 
-def read_metrics(workdir):
-    return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -39,7 +35,7 @@ def cache_dir(tmp_path_factory):
 def test_loss_decreases(cache_dir, tmp_path):
     cfg = small(cache_dir, **{"train.steps": 60, "train.log_every_steps": 5, "eval.every_steps": 30})
     out = train(cfg, str(tmp_path / "run"))
-    rec = read_metrics(tmp_path / "run")
+    rec = helpers.metrics(tmp_path / "run")
     first, last = rec[0]["loss"], rec[-1]["loss"]
     assert out["complete"] and rec[-1]["step"] == 60
     assert last < first - 1.0, (first, last)
@@ -85,13 +81,13 @@ def test_resume_after_sigkill_and_sigterm_equals_uninterrupted(cache_dir, tmp_pa
                 "logging.progress_bar": False, "logging.tensorboard": False})
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     train(small(cache_dir, **over), str(ref_dir))
-    ref = {r["step"]: r["loss"] for r in read_metrics(ref_dir)}
+    ref = {r["step"]: r["loss"] for r in helpers.metrics(ref_dir)}
 
     p = _spawn(run_dir, cache_dir, cli)
     _wait_for_step(p, run_dir, 13)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    killed_at = read_metrics(run_dir)[-1]["step"]
+    killed_at = helpers.metrics(run_dir)[-1]["step"]
 
     p = _spawn(run_dir, cache_dir, cli)
     _wait_for_step(p, run_dir, 22)
@@ -100,7 +96,7 @@ def test_resume_after_sigkill_and_sigterm_equals_uninterrupted(cache_dir, tmp_pa
     # the launcher convention: a saved, resumable stop is "try again" (EX_TEMPFAIL), not done
     assert p.returncode == errors.EXIT_PREEMPTED == 75, out
     assert "SIGTERM received: saved a checkpoint" in out
-    termed_at = read_metrics(run_dir)[-1]["step"]
+    termed_at = helpers.metrics(run_dir)[-1]["step"]
     assert termed_at < 30
     # the last line: where it stopped, the checkpoint it saved and the command that resumes it
     last = out.strip().splitlines()[-1]
@@ -114,7 +110,7 @@ def test_resume_after_sigkill_and_sigterm_equals_uninterrupted(cache_dir, tmp_pa
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     assert f"resumed from {run_dir / 'checkpoints'} at step {termed_at}" in out
-    got = read_metrics(run_dir)
+    got = helpers.metrics(run_dir)
     assert [r["step"] for r in got] == list(range(1, 31))  # one line per step, none lost
     assert killed_at >= 13
     for r in got:

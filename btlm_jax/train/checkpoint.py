@@ -116,9 +116,6 @@ class Checkpointer:
         """Keep-N never deletes the steps ``steps()`` names when a save is made."""
         self._protected = steps
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def delete(self, step: int) -> None:
         """Deletes checkpoint ``step`` (all processes call it together)."""
         self.manager.delete(step)

@@ -30,8 +30,9 @@ A bad step ``N`` makes checkpoint ``N - 1``, if there is one, not good. Then:
   ``G``'s position, and at least past the bad step's batch (:mod:`btlm_jax.data.positions`).
   The rollback is appended to the run's rollback log (``RUN/rollbacks.json``, and every later
   checkpoint's data state), ``metrics.jsonl`` drops the records of the discarded steps and keeps
-  one record of the rollback. A run that rolls back :data:`MAX_ROLLBACKS` times in a row without
-  reaching a newer good checkpoint stops with :class:`DivergenceError`.
+  one record of the rollback. Rollbacks that make no progress end: after :data:`MAX_ROLLBACKS`
+  rollbacks in a row to the same checkpoint or an older one, the next divergence stops the run
+  with :class:`DivergenceError` (:func:`rollbacks_without_progress`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import jax
 
 from btlm_jax.data.positions import Rollback
 from btlm_jax.errors import UserError
+from btlm_jax.train.run_dir import write_rollbacks
 
 MAX_ROLLBACKS = 5  # rollbacks in a row that restore no newer checkpoint than the previous one
 _WINDOW, _MIN_HISTORY = 50, 10  # loss spike: mean of up to 50 good losses, once 10 are known
@@ -80,15 +82,14 @@ class DivergenceGuard:
         self.feed, self.sinks, self.log = feed, sinks, log
         self.pending: list[tuple[int, dict]] = []  # (step, device scalars), oldest first
         self.history: collections.deque = collections.deque(maxlen=_WINDOW)
-        steps = sorted(ckpt.all_steps()) if ckpt is not None else []
+        steps = sorted(ckpt.all_steps())
         # every checkpoint but the newest was confirmed before the newest was written; the run
         # resumes from the newest (restore_latest sets unreadable ones aside)
         self.good = set(steps[:-1])
         self.unconfirmed = steps[-1] if steps else None
         self.saved_step = steps[-1] if steps else None
         self.horizon = self.saved_step  # the newest step saved or being saved
-        if ckpt is not None:
-            ckpt.protect(self.protected)
+        ckpt.protect(self.protected)
 
     # ----- the books ---------------------------------------------------------------------------
     def _good_on_disk(self) -> list[int]:
@@ -209,8 +210,9 @@ class DivergenceGuard:
         batch = (f"btlm-batches --workdir={self.run.path} --steps={step}:{step + 1} --decode "
                  "shows the step's batch")
         if self.mode == "rollback" and target is not None:
-            return (msg + f". {MAX_ROLLBACKS} rollbacks in a row found no newer good checkpoint: "
-                    "lower optim.peak_lr (or raise optim.warmup_steps) and rerun; " + batch)
+            return (msg + f". {MAX_ROLLBACKS} rollbacks in a row restored the same checkpoint "
+                    "or an older one: lower optim.peak_lr (or raise optim.warmup_steps) and "
+                    "rerun; " + batch)
         if self.mode == "rollback":
             return (msg + ". There is no good checkpoint to roll back to: lower optim.peak_lr, "
                     "or save checkpoints more often (checkpoint.every_steps), and rerun; "
@@ -228,8 +230,6 @@ class DivergenceGuard:
         old = self.feed.rollbacks
         rollbacks = old + [entry]
         self.feed.restore(saved, rollbacks=rollbacks)
-        from btlm_jax.train.run_dir import write_rollbacks
-
         write_rollbacks(self.run.path, rollbacks)
         rec = {"step": entry.diverged, **values, "diverged": why, "rollback": len(rollbacks),
                "restored_step": g, "rollback_skip_batches": entry.skip}
@@ -246,6 +246,7 @@ class DivergenceGuard:
                  f"of at least {max(entry.skip, entry.diverged - g)} batches from there; "
                  f"continuing at step {g + 1} (rollback {len(rollbacks)}, "
                  f"{rollbacks_without_progress(rollbacks)} of at most {MAX_ROLLBACKS} in a row "
-                 f"without a newer good checkpoint). The diverged step's batch: btlm-batches "
-                 f"--workdir={self.run.path} --steps={entry.diverged}:{entry.diverged + 1} "
+                 f"to the same checkpoint or an older one). The diverged step's batch: "
+                 f"btlm-batches --workdir={self.run.path} "
+                 f"--steps={entry.diverged}:{entry.diverged + 1} "
                  f"--rollbacks={len(old)}")

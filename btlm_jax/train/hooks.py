@@ -2,15 +2,17 @@
 
 A :class:`Hook` is a function of the loop's :class:`Context` run every ``every`` steps (and on the
 last step when ``at_end``). The loop (:mod:`btlm_jax.train.loop`) runs the hooks after each step in
-the order they were registered: record the step's metrics, evaluate, check them, write them to
-the sinks, advance the progress bar, save a checkpoint, honour preemption. Add a hook with
-:meth:`Hooks.add` to run your own work at a period (e.g. a probe every 500 steps).
+the order they were registered: count the step's tokens, record its metrics, evaluate, check
+them, write them to the sinks, advance the progress bar, save a checkpoint, honour preemption. Add
+a hook with :meth:`Hooks.add` to run your own work at a period (e.g. a probe every 500 steps).
 
 Sinks receive each logged record: :class:`JsonlSink` (``metrics.jsonl``), :class:`TensorBoardSink`
 and :class:`WandbSink` (``logging.wandb=True``). ``metrics.jsonl`` holds the run's current
 trajectory: one record per logged step, and one record per rollback (``"rollback": i``, the
 ``i``-th entry of the run's rollback log, written at the step that diverged); a rollback or a
 resume rewinds it (:meth:`JsonlSink.rewind`), so no record of a discarded or lost step stays.
+TensorBoard and W&B cannot delete what they were sent: see :meth:`TensorBoardSink.rewind` and
+:meth:`WandbSink.rewind` for what they show after a rollback.
 """
 
 from __future__ import annotations
@@ -156,7 +158,11 @@ class TensorBoardSink:
             self.tb.add_scalar(k, v, record["step"])
 
     def rewind(self, step: int, rollbacks: int) -> None:
-        pass  # event files are append-only; TensorBoard shows the restart
+        """Nothing to do: event files are append-only, and TensorBoard itself drops a series'
+        points at and after a step once that series is written at the step again (its
+        "preemption" of a restarted job's data). The steps a rollback discards thus disappear
+        as the new trajectory logs them; the series only the rollback record has (``rollback``,
+        ``restored_step``) stay."""
 
     def close(self):
         self.tb.close()
@@ -164,7 +170,10 @@ class TensorBoardSink:
 
 class WandbSink:
     """Weights & Biases (``logging.wandb``); offline (files under ``RUN/wandb``) when not
-    logged in or ``logging.wandb_mode=offline``: ``wandb sync RUN/wandb/offline-*`` uploads."""
+    logged in or ``logging.wandb_mode=offline``: ``wandb sync RUN/wandb/offline-*`` uploads.
+
+    W&B's step must increase: W&B ignores a record at a step below the newest it holds (with a
+    warning each), so this sink does not send those (see :meth:`rewind`)."""
 
     def __init__(self, cfg, run_path: Path):
         try:
@@ -181,12 +190,21 @@ class WandbSink:
             project=cfg.logging.wandb_project, name=run_path.name, dir=str(run_path),
             id=_stable_id(run_path), resume="allow", mode=mode,
             config=json.loads(cfg.to_json_best_effort()))
+        self.newest = self.run.starting_step  # a resumed W&B run's history goes this far
 
     def write(self, record: dict):
-        self.run.log(_finite_scalars(record), step=int(record["step"]))
+        step = int(record["step"])
+        if step < self.newest:
+            return  # W&B would ignore it (see rewind)
+        self.newest = step
+        self.run.log(_finite_scalars(record), step=step)
 
     def rewind(self, step: int, rollbacks: int) -> None:
-        pass  # W&B's history is append-only
+        """Nothing W&B can do: its history cannot be cut back. After a rollback from the bad
+        step N to checkpoint G, the W&B run keeps the discarded steps up to N and shows the new
+        trajectory from N on (steps G + 1 .. N - 1 are logged to ``metrics.jsonl`` only); after
+        a resume, the steps before the newest W&B holds keep their first values (the same,
+        resumes being exact)."""
 
     def close(self):
         self.run.finish()
