@@ -29,7 +29,8 @@ document. ``model.attention`` picks the implementation:
   Tiling from :func:`pallas_blocks` (a pure function of dtype, head dimension, length and shared
   memory); the head dimension is cut into power-of-two chunks (80 = 64 + 16, no padding to 128).
 - ``auto``: :func:`resolve` picks one of the above from :data:`AUTO_TABLE`, measured per
-  (backend, dtype, length); ``xla`` wherever nothing was measured (CPUs, TPUs, short sequences).
+  (backend, dtype, length); ``xla`` wherever nothing was measured (CPUs, TPUs, short sequences)
+  and on more than one device (a Pallas call is not split by the SPMD partitioner).
 
 Block skipping assumes what every caller here guarantees: keys and queries are laid out in time
 order, query ``i`` sits at key index ``q_offset + i``, and inside a segment positions increase
