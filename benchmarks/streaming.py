@@ -165,7 +165,8 @@ def main():
     ap.add_argument("--probe_mib", type=float, default=256.0)
     ap.add_argument("--hlo", action="store_true", help="print each streamed program's loops")
     ap.add_argument("--set", action="append", default=[],
-                    help="extra config override KEY=VALUE (e.g. model.dtype=bfloat16)")
+                    help="extra config override KEY=VALUE (e.g. model.dtype=bfloat16), "
+                         "parsed as training's --config.KEY=VALUE")
     args = ap.parse_args()
 
     from btlm_jax.train import aot
@@ -177,9 +178,9 @@ def main():
     import numpy as np
 
     from btlm_jax import optim
+    from btlm_jax.cli.overrides import load_config
     from btlm_jax.parallel.streaming import transfer_bytes
     from btlm_jax.train.program import Program
-    from configs.btlm import get_config
 
     n = len(jax.devices())
     batches = ([args.batch_size] if args.batch_size else
@@ -206,20 +207,12 @@ def main():
     for layers in depths:
         for bs in batches:
             for name, layout, ov, up in variants:
-                c = get_config(args.preset)
+                c = load_config(args.preset, [f"--config.{kv}" for kv in args.set])
                 c.model.n_layers, c.mesh.layout = layers, layout
                 if ov is not None:
                     c.mesh.stream_overlap, c.mesh.stream_update = ov, up
                 c.mesh.data, c.mesh.fsdp, c.mesh.tensor = n, 1, 1
                 c.train.seq_len, c.train.batch_size = args.seq_len, bs
-                for kv in args.set:
-                    key, val = kv.split("=", 1)
-                    node = c
-                    *parents, leaf = key.split(".")
-                    for p in parents:
-                        node = node[p]
-                    node[leaf] = type(node[leaf])(val) if not isinstance(node[leaf], bool) \
-                        else val.lower() in ("1", "true")
                 try:
                     tr = Program.from_config(c)
                     t0 = time.perf_counter()

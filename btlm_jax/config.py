@@ -71,7 +71,8 @@ def default_model() -> ml_collections.ConfigDict:
     m.remat = "none"
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"
-    # auto | xla | cudnn (dense jax.nn.dot_product_attention) | flash (blockwise JAX) | pallas
+    # auto | xla (dense jax.nn.dot_product_attention) | cudnn (fused causal cuDNN, ALiBi folded
+    # into the head dimension; data.packing=concat only) | flash (blockwise JAX) | pallas
     # (kernel); auto picks from a measured table by backend, dtype and length (xla off GPUs);
     # see btlm_jax/models/attention.py and the README's "Attention implementations"
     m.attention = "auto"

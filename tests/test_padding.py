@@ -100,6 +100,15 @@ def test_nonzero_padding_is_found_and_export_refuses_it():
         hf.to_hf(p, m, "btlm")
 
 
+def test_a_padded_axis_of_neither_size_is_named():
+    m = model_cfg(128)  # vocabulary 97 -> 128
+    p = {"embed": {"embedding": np.zeros((100, 32), np.float32)}}
+    for fn in (to_logical, to_physical):
+        with pytest.raises(ValueError, match=r"^embed/embedding: axis 0 has size 100, expected 97 "
+                                             r"\(logical\) or 128 \(padded"):
+            fn(p, m)
+
+
 # ---------------------------------------------------------------------------- training
 def train_cfg(pad, layout="standard", **over):
     base = {"model.vocab_size": 1000, "model.d_model": 32, "model.n_layers": 2,

@@ -469,7 +469,7 @@ def test_streamed_memory_flat_in_depth_and_host_state_sharded(tmp_path):
     """AOT on 8 CPU devices, ``bench`` preset, seq 512, default remat (none), default streaming
     options (double-buffered): the streamed step's device memory grows at most 1.5x from 4 to 16
     layers while the state it keeps in host memory grows with the model (3.25x; the standard
-    layout's device memory grows 3.14x, benchmarks/RESULTS.md); each device holds 1/8 of the
+    layout's device memory grows 3.15x, benchmarks/RESULTS.md); each device holds 1/8 of the
     state in host memory. (Before the per-layer move was fenced off from the stack, XLA:CPU
     relaid out each whole parameter stack for the all-gather: 1.66x; without copy-insertion
     region analysis the double-buffered optimizer loop copies each stack per iteration:

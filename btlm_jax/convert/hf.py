@@ -265,7 +265,7 @@ def to_hf(params, m, layout: str | None = None) -> dict[str, Any]:
     """Our parameter tree -> {Hugging Face tensor name: array} (jnp ops; works under eval_shape).
 
     Tensors have the logical shapes (``vocab_size``, ``n_inner``): the padding of
-    ``model.pad_multiple`` is cut off first (:func:`btlm_jax.models.btlm.to_logical`)."""
+    ``model.pad_multiple`` is cut off first (:func:`btlm_jax.models.padding.to_logical`)."""
     from btlm_jax.models.padding import nonzero_padding, to_logical
 
     layout = layout or default_layout(m)

@@ -29,7 +29,8 @@ document. ``model.attention`` picks the implementation:
   Tiling from :func:`pallas_blocks` (a pure function of dtype, head dimension, length and shared
   memory); the head dimension is cut into power-of-two chunks (80 = 64 + 16, no padding to 128).
 - ``auto``: :func:`resolve` picks one of the above from :data:`AUTO_TABLE`, measured per
-  (backend, dtype, length); ``xla`` wherever nothing was measured (CPUs, TPUs, short sequences).
+  (backend, dtype, length); ``xla`` wherever nothing was measured (CPUs, TPUs, short sequences)
+  and on more than one device (a Pallas call is not split by the SPMD partitioner).
 
 Block skipping assumes what every caller here guarantees: keys and queries are laid out in time
 order, query ``i`` sits at key index ``q_offset + i``, and inside a segment positions increase
@@ -207,13 +208,15 @@ def _check_blocks(block_q, block_k):
 
 
 def _hi_block(i, q_offset, bq, bk, nk):
-    """Number of key blocks query block ``i`` must visit (those not wholly in its future)."""
-    return jnp.minimum(nk, (q_offset + (i + 1) * bq + bk - 1) // bk)
+    """Number of key blocks query block ``i`` must visit (those not wholly in its future);
+    ``i`` may be traced (the flash loops, the Pallas kernels' program id)."""
+    return jnp.minimum(nk, lax.div(q_offset + (i + 1) * bq + bk - 1, bk))
 
 
 def _lo_block(j, q_offset, bq, bk):
-    """First query block that can see key block ``j``."""
-    return jnp.maximum(0, (j * bk - q_offset) // bq)
+    """First query block that can see key block ``j`` (``lax.div`` truncates a negative
+    quotient towards 0; the clamp makes that equal to floor division)."""
+    return jnp.maximum(0, lax.div(j * bk - q_offset, bq))
 
 
 # ---------------------------------------------------------------------------- flash (JAX)
@@ -530,7 +533,7 @@ def _pallas_fwd_kernel(*refs, n, scale, bq, bk, nk, q_offset, causal):
 
     init = (tuple(jnp.zeros((bq, q.shape[-1]), _F32) for q in qs),
             jnp.full((bq,), _NEG, _F32), jnp.zeros((bq,), _F32))
-    hi = jnp.minimum(nk, lax.div(q_offset + (i + 1) * bq + bk - 1, bk)) if causal else nk
+    hi = _hi_block(i, q_offset, bq, bk, nk) if causal else nk
     accs, m, l = lax.fori_loop(0, hi, body, init)
     for o_ref, acc in zip(o_refs, accs):
         o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -562,7 +565,7 @@ def _pallas_dkdv_kernel(*refs, n, scale, bq, bk, nq, q_offset, causal):
 
     zeros = tuple(jnp.zeros((bk, k.shape[-1]), _F32) for k in ks)
     # causal block skipping: query blocks wholly before this key block see none of it
-    lo = jnp.maximum(0, lax.div(j * bk - q_offset, bq)) if causal else 0
+    lo = _lo_block(j, q_offset, bq, bk) if causal else 0
     dks, dvs = lax.fori_loop(lo, nq, body, (zeros, zeros))
     for ref, x in zip(dk_refs + dv_refs, dks + dvs):
         ref[...] = x.astype(ref.dtype)
@@ -589,7 +592,7 @@ def _pallas_dq_kernel(*refs, n, scale, bq, bk, nk, q_offset, causal):
                      for dq, k in zip(dqs, ks))
 
     # causal block skipping: key blocks wholly in this query block's future are never visited
-    hi = jnp.minimum(nk, lax.div(q_offset + (i + 1) * bq + bk - 1, bk)) if causal else nk
+    hi = _hi_block(i, q_offset, bq, bk, nk) if causal else nk
     dqs = lax.fori_loop(0, hi, body, tuple(jnp.zeros(q.shape, _F32) for q in qs))
     for ref, x in zip(dq_refs, dqs):
         ref[...] = x.astype(ref.dtype)

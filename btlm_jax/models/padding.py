@@ -57,14 +57,22 @@ def padded_axis(path: str) -> tuple[str, int] | None:
 
 
 def _map_padded(params, model_cfg, fn):
+    """``fn(x, axis, logical, physical)`` on each padded leaf, whose padded axis must have one of
+    the two sizes (ValueError naming the parameter otherwise); other leaves unchanged."""
     sizes = physical_sizes(model_cfg)
 
     def one(key_path, x):
-        hit = padded_axis(_leaf_path(key_path))
+        path = _leaf_path(key_path)
+        hit = padded_axis(path)
         if hit is None:
             return x
         name, axis = hit
-        return fn(x, axis % x.ndim, *sizes[name])
+        axis %= x.ndim
+        logical, physical = sizes[name]
+        if x.shape[axis] not in (logical, physical):
+            raise ValueError(f"{path}: axis {axis} has size {x.shape[axis]}, expected {logical} "
+                             f"(logical) or {physical} (padded, model.pad_multiple)")
+        return fn(x, axis, logical, physical)
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -76,9 +84,6 @@ def to_logical(params, model_cfg):
     def cut(x, axis, logical, physical):
         if x.shape[axis] == logical:
             return x
-        if x.shape[axis] != physical:
-            raise ValueError(f"parameter axis of size {x.shape[axis]}: expected {logical} "
-                             f"(logical) or {physical} (padded, model.pad_multiple)")
         return x[(slice(None),) * axis + (slice(0, logical),)]
     return _map_padded(params, model_cfg, cut)
 
@@ -89,9 +94,6 @@ def to_physical(params, model_cfg):
     def pad(x, axis, logical, physical):
         if x.shape[axis] == physical:
             return x
-        if x.shape[axis] != logical:
-            raise ValueError(f"parameter axis of size {x.shape[axis]}: expected {logical} "
-                             f"(logical) or {physical} (padded, model.pad_multiple)")
         xp = np if isinstance(x, np.ndarray) else jnp
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, physical - logical)

@@ -46,10 +46,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from btlm_jax.models.btlm import BTLM, Block
-from btlm_jax.optim.streamed import host_update, layer_loop, streamed_update
+from btlm_jax.optim.streamed import _at, _put, host_update, layer_loop, streamed_update
 from btlm_jax.parallel.mesh import MESH_AXES, ShardingError
 
 HOST_KINDS = ("pinned_host", "unpinned_host")
@@ -94,14 +95,6 @@ def leaf_spec(shape, n: int) -> P:
 def stacked_spec(shape, n: int) -> P:
     """Host sharding of a stacked layer leaf [n_layers, ...]: never along the layer axis."""
     return P(None, *leaf_spec(shape[1:], n))
-
-
-def _at(x, i):
-    return jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
-
-
-def _put(x, v, i):
-    return jax.lax.dynamic_update_index_in_dim(x, v, i, 0)
 
 
 class Streamer:
@@ -459,8 +452,6 @@ def transfer_bytes(cfg, tx, abstract_state, n_devices: int) -> dict:
     layers = sum(shard_bytes(x, True) for x in jax.tree_util.tree_leaves(params[LAYERS]))
     rest = sum(shard_bytes(x, False) for key, v in params.items() if key != LAYERS
                for x in jax.tree_util.tree_leaves(v))
-    import optax
-
     per_leaf = optax.tree_map_params(tx, shard_bytes, abstract_state.opt_state, is_layer,
                                      transform_non_params=lambda _: 0)
     state = sum(jax.tree_util.tree_leaves(per_leaf))
