@@ -133,6 +133,8 @@ RUN_ERRORS = [
     ("btlm-generate", [f"--workdir={RUN}", "--prompt=a"], [RUN]),
     ("btlm-describe", ["--config=tiny", "--config.model.n_heads=5"],
      ["model.d_model=256", "model.n_heads=5"]),
+    ("btlm-describe", ["--config=tiny", "--mesh=1,1,1", "--config.model.attention=cudnn"],
+     ["model.attention=cudnn", "NVIDIA GPU", "backend here is cpu"]),
     ("btlm-convert", [], ["import or export"]),
     ("btlm-convert", ["import", f"--workdir={RUN}"], ["--hf_dir"]),
     ("btlm-convert", ["export", f"--workdir={RUN}", "--out=O"], [RUN]),
@@ -190,6 +192,22 @@ def test_describe_a_bare_preset_from_outside_the_repository(tmp_path):
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["num_params"] == 2_646_255_744  # BTLM-3B-8K as published (README)
     assert not [ln for ln in r.stderr.splitlines() if re.match(r"[IW]\d{4} ", ln)], r.stderr
+
+
+@pytest.mark.slow
+def test_describe_mesh_names_the_attention_auto_resolves_to(tmp_path):
+    # tiny at 2048 tokens on one CPU device: auto is xla there (AUTO_TABLE has GPU rows only), a
+    # dense [T, T] score matrix, so describe advises the blockwise kernels
+    small = ["--config.model.d_model=64", "--config.model.n_layers=1", "--config.model.d_ff=128",
+             "--config.model.n_heads=2", "--config.model.vocab_size=512"]
+    r = script("btlm-describe", "--config=tiny", "--mesh=1,1,1", "--seq_len=2048",
+               "--batch_size=1", *small, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "attention: model.attention=auto (here: xla) materialises [T, T] scores at seq " \
+        "2048" in r.stdout, r.stdout[-1500:]
+    r = script("btlm-describe", "--config=tiny", "--mesh=1,1,1", "--seq_len=256",
+               "--batch_size=1", "--config.model.attention=flash", *small, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("attention: model.attention=flash")
 
 
 @pytest.mark.slow

@@ -62,18 +62,24 @@ def main(argv):
             _CONFIG.value, aot.parse_mesh(_MESH.value), seq_len=_SEQ_LEN.value or None,
             batch_size=_BATCH.value or None)
         print(aot.format_report(info["aot"]))
-        print(_attention_advice(_CONFIG.value, info["aot"]["seq_len"]))
+        print(_attention_advice(_CONFIG.value, info["aot"]))
     if _JSON.value:
         print(json.dumps(info))
 
 
-def _attention_advice(cfg, seq_len: int) -> str:
-    """Which ``model.attention`` to use where (README: Attention implementations)."""
-    impl = cfg.model.attention
-    if seq_len >= 2048 and impl in ("xla", "cudnn"):
-        return (f"  attention: model.attention={impl} materialises [T, T] scores at seq {seq_len};"
+def _attention_advice(cfg, aot_info: dict) -> str:
+    """Which ``model.attention`` the compiled step used and whether another fits better (README:
+    Attention implementations); ``auto`` is resolved for the backend and devices it compiled on."""
+    from btlm_jax.models.attention import resolve
+
+    impl, seq_len = cfg.model.attention, aot_info["seq_len"]
+    used = resolve(impl, cfg.model.dtype, seq_len, backend=aot_info["backend"],
+                   num_devices=aot_info["num_devices"])
+    what = impl if used == impl else f"{impl} (here: {used})"
+    if seq_len >= 2048 and used == "xla":
+        return (f"  attention: model.attention={what} materialises [T, T] scores at seq {seq_len};"
                 " use --config.model.attention=flash (CPU/TPU) or pallas (NVIDIA GPU)")
-    return f"  attention: model.attention={impl}"
+    return f"  attention: model.attention={what}"
 
 
 def run():

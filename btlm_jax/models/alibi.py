@@ -122,10 +122,3 @@ def key_only_alibi_bias(slopes, k_positions):
     """
     return (slopes.astype(jnp.float32)[None, :, None, None]
             * k_positions.astype(jnp.float32)[:, None, None, :])
-
-
-def full_alibi_bias(slopes, q_positions, k_positions):
-    """The full ALiBi bias ``-m_h * (pos_i - pos_j)``, float32 [B, H, Tq, Tk] (distances clipped at
-    0 so masked future entries stay finite)."""
-    dist = jnp.maximum(q_positions[:, :, None] - k_positions[:, None, :], 0).astype(jnp.float32)
-    return -slopes.astype(jnp.float32)[None, :, None, None] * dist[:, None, :, :]

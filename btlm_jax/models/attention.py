@@ -164,6 +164,9 @@ def cudnn_attention(q, k, v, slopes, k_pos, scale, implementation="cudnn"):
     the module docstring); q / k / v [B, T, H, D] -> [B, T, H, D]. The head dimension grows by
     the bias columns, rounded up to a multiple of 8 (cuDNN): 80 -> 88. ``implementation=None``
     runs the same computation through XLA (tests on CPU)."""
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"model.attention=cudnn needs an NVIDIA GPU with cuDNN (JAX's backend "
+                         f"here is {jax.default_backend()}); use model.attention=auto, xla or flash")
     b, t, h, d = q.shape
     if slopes is None:
         qx, kx = q, k
